@@ -17,6 +17,10 @@ from ._multistage import (
 )
 from ._stage import AbstractStage as AbstractStage, Dense as Dense
 
+# -- issue 4 exports (sharing, skip connections, recurrent nets) --
+# -- issue 5 exports (CTRNN, continuous-time costates) --
+# -- issue 7 exports (fit, checkpoints, sharding) --
+
 
 __version__ = "0.1.0"
 
