@@ -267,13 +267,14 @@ def _check_stacked(stage: AbstractStage) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _nonfinite_error(x, flags: Array, what: str):
-    """Raise (under jit too) naming the first stage k whose flag is False."""
+def _nonfinite_error(x, flags: Array, what: str, *, backward: bool = False):
+    """Raise (under jit too) naming the stage k where the first non-finite value of the
+    pass appeared: the smallest bad k going forward, the largest going backward."""
     bad = ~flags
-    first = jnp.argmax(bad)
-    msgs = [
-        f"stage {k}: {what.format(k=k)} became non-finite" for k in range(1, flags.shape[0] + 1)
-    ]
+    n = flags.shape[0]
+    first = n - 1 - jnp.argmax(bad[::-1]) if backward else jnp.argmax(bad)
+    where = " (backward pass)" if backward else " (forward pass)"
+    msgs = [f"stage {k}: {what.format(k=k)} became non-finite{where}" for k in range(1, n + 1)]
     return eqx.branched_error_if(x, bad.any(), first, msgs)
 
 
@@ -346,11 +347,12 @@ def costate_recursion(
         grads.append(grad)
         lams.append(lam)
     lams = lams[::-1]  # λ(0..N)
+    grads = tuple(grads[::-1])
+    lam0 = lams[0]
     if system.check_finite:
         flags = jnp.stack([jnp.isfinite(x).all() for x in lams[1:]])
-        lams = _nonfinite_error(lams, flags, "costate B({k})")
-    grads = tuple(grads[::-1])
-    return lams[0], grads, (tuple(lams[1:]) if keep_costates else None)
+        lam0, grads = _nonfinite_error((lam0, grads), flags, "costate B({k})", backward=True)
+    return lam0, grads, (tuple(lams[1:]) if keep_costates else None)
 
 
 def _recursion_stacked(system, states, cts, keep_costates):
@@ -369,7 +371,7 @@ def _recursion_stacked(system, states, cts, keep_costates):
     lam0, (grads, lams) = jax.lax.scan(step, lam_n, xs, reverse=True)
     if system.check_finite:
         flags = jnp.isfinite(lams).reshape(lams.shape[0], -1).all(axis=1)
-        lam0 = _nonfinite_error(lam0, flags, "costate B({k})")
+        lam0, grads = _nonfinite_error((lam0, grads), flags, "costate B({k})", backward=True)
     return lam0, grads, (lams if keep_costates else None)
 
 

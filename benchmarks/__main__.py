@@ -1,0 +1,76 @@
+"""Run every benchmark suite: `python -m benchmarks [--quick] [--only NAME ...]`.
+
+Each suite is a module `benchmarks/<name>.py` with `run(quick: bool) -> dict` that writes
+`results/<name>.json` and `results/<name>.md`; this entry point runs them in turn with a
+progress bar and writes `results/summary.md` (all tables, with device and versions).
+"""
+
+import argparse
+import importlib
+import sys
+import time
+
+from tqdm import tqdm
+
+from ._common import RESULTS, metadata
+
+
+SUITES = (
+    "costate",
+    "sharing",
+    "recurrent",
+    "ctrnn",
+    "continuous_costates",
+    "control",
+    "parallel_costates",
+    "fit",
+)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: minutes on a 2-core CPU")
+    parser.add_argument("--only", nargs="+", choices=SUITES, help="run only these suites")
+    parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
+                        help="JAX platform to run on (default: JAX's choice)")
+    args = parser.parse_args(argv)
+    if args.device is not None:
+        import jax
+
+        jax.config.update("jax_platforms", args.device)
+    names = args.only or SUITES
+    done, failed = [], []
+    for name in tqdm(names, desc="benchmark suites", disable=not sys.stderr.isatty()):
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError as err:
+            print(f"[{name}] not available: {err}", file=sys.stderr)
+            failed.append(name)
+            continue
+        t0 = time.perf_counter()
+        print(f"[{name}] running{' (quick)' if args.quick else ''} ...", flush=True)
+        module.run(quick=args.quick)
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", flush=True)
+        done.append(name)
+    meta = metadata()
+    parts = [
+        "# Benchmark summary",
+        "",
+        f"{meta['date']}; {meta['device']} ({meta['cpu_count']} cores); python {meta['python']}; "
+        f"jax {meta['jax']}; equinox {meta['equinox']}; mode: {'quick' if args.quick else 'full'}",
+        "",
+    ]
+    suffix = "_quick" if args.quick else ""
+    for name in done:
+        md = RESULTS / f"{name}{suffix}.md"
+        if not md.exists():
+            md = RESULTS / f"{name}.md"
+        if md.exists():
+            parts += [md.read_text(), ""]
+    (RESULTS / f"summary{suffix}.md").write_text("\n".join(parts))
+    print(f"wrote {RESULTS / f'summary{suffix}.md'}")
+    return 1 if failed and not done else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Shared benchmark plumbing: interleaved medians, XLA memory, metadata, result files."""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def metadata() -> dict:
+    import equinox
+    import jaxlib
+
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": f"{dev.platform}: {getattr(dev, 'device_kind', dev.platform)}",
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "equinox": equinox.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each zero-argument function, run A B C A B C ... after one
+    warm-up call each, with `block_until_ready`, so that machine drift hits all alike."""
+    for f in fns.values():
+        jax.block_until_ready(f())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def compiled_memory(jitted, *args) -> dict[str, int]:
+    """XLA's compiled memory figures (bytes) for a jitted function at `args`."""
+    compiled = jitted.lower(*args).compile()
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    return {
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+    }
+
+
+def compile_seconds(jitted, *args) -> float:
+    t0 = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - t0
+
+
+def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """Write `results/<name>.json` and `results/<name>.md`."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    js.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    md.write_text(markdown.rstrip() + "\n")
+    return js, md
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""The costate recursion against jax.grad of a plain forward and finite differences."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import adjoint as aj
+
+from .helpers import assert_tree_allclose, directional_fd, random_like, tree_vdot
+
+
+class MyStage(aj.AbstractStage):
+    """A user's stage without an analytic adjoint: x ↦ sin(W x) + x * c."""
+
+    weight: jax.Array
+    c: jax.Array
+
+    def __init__(self, n, *, key):
+        self.weight = jax.random.normal(key, (n, n)) / n**0.5
+        self.c = jnp.linspace(0.5, 1.5, n)
+
+    def __call__(self, x):
+        return jnp.sin(self.weight @ x) + x * self.c
+
+
+def tuple_system(key, activations=("tanh", "sigmoid", "relu", "identity"), sizes=(3, 5, 4, 4, 2)):
+    keys = jax.random.split(key, len(activations))
+    return aj.Multistage(
+        [
+            aj.Dense(sizes[i], sizes[i + 1], act, key=k)
+            for i, (act, k) in enumerate(zip(activations, keys))
+        ]
+    )
+
+
+def stacked_system(key, n=4, depth=5, activation="tanh"):
+    stage = eqx.filter_vmap(lambda k: aj.Dense(n, n, activation, key=k))(
+        jax.random.split(key, depth)
+    )
+    return aj.Multistage(stage)
+
+
+def with_autodiff(system):
+    return eqx.tree_at(lambda s: s.adjoint, system, aj.AutodiffAdjoint())
+
+
+def squared_error(target):
+    return lambda states: jnp.sum((target - states[-1]) ** 2)
+
+
+def intermediate_cost(target, k=1, weight=0.3):
+    return lambda states: jnp.sum((target - states[-1]) ** 2) + weight * jnp.sum(
+        jnp.cos(states[k])
+    )
+
+
+def grads_both(system, x0, cost, control_cost=None):
+    def total(s, x):
+        c = cost(s.trajectory(x))
+        return c if control_cost is None else c + control_cost(s)
+
+    g = eqx.filter_grad(lambda args: total(*args))((system, x0))
+    r = eqx.filter_grad(lambda args: total(*args))((with_autodiff(system), x0))
+    return g, r
+
+
+SYSTEMS = {
+    "tuple": lambda key: (tuple_system(key), (6, 3), (6, 2)),
+    "tuple-sigmoid": lambda key: (
+        tuple_system(key, ("sigmoid", "sigmoid"), (3, 4, 2)),
+        (6, 3),
+        (6, 2),
+    ),
+    "stacked-tanh": lambda key: (stacked_system(key), (6, 4), (6, 4)),
+    "stacked-relu": lambda key: (stacked_system(key, activation="relu"), (6, 4), (6, 4)),
+    "user-stage": lambda key: (
+        aj.Multistage([aj.Dense(3, 4, key=key), MyStage(4, key=jax.random.fold_in(key, 1))]),
+        (6, 3),
+        (6, 4),
+    ),
+    "user-activation": lambda key: (
+        aj.Multistage([aj.Dense(3, 4, jnp.sin, key=key), aj.Dense(4, 2, jax.nn.softplus, key=key)]),
+        (6, 3),
+        (6, 2),
+    ),
+    "stacked-user-stage": lambda key: (
+        aj.Multistage.stack([MyStage(3, key=k) for k in jax.random.split(key, 3)]),
+        (5, 3),
+        (5, 3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYSTEMS))
+@pytest.mark.parametrize("cost_kind", ["final", "intermediate"])
+def test_gradient_equals_autodiff_and_fd(name, cost_kind, getkey):
+    system, xshape, dshape = SYSTEMS[name](getkey())
+    x0 = jax.random.normal(getkey(), xshape)
+    target = jax.random.normal(getkey(), dshape)
+    cost = squared_error(target) if cost_kind == "final" else intermediate_cost(target)
+    g, r = grads_both(system, x0, cost)
+    assert_tree_allclose(g, r, rtol=1e-10)
+    # directional finite differences in the controls and in x0
+    params, static = eqx.partition((system, x0), eqx.is_inexact_array)
+    v = random_like(getkey(), params)
+
+    def f(p):
+        s, x = eqx.combine(p, static)
+        return cost(s.trajectory(x))
+
+    fd = directional_fd(f, params, v, eps=1e-6)
+    an = tree_vdot(g, v)
+    assert abs(float(an - fd)) <= 1e-7 * max(1.0, abs(float(an)))
+
+
+def test_weight_decay_and_jit_grad(getkey):
+    system, _, _ = SYSTEMS["tuple"](getkey())
+    x0 = jax.random.normal(getkey(), (6, 3))
+    target = jax.random.normal(getkey(), (6, 2))
+
+    def decay(s):
+        return 0.01 * sum(jnp.sum(w**2) for w in jax.tree.leaves(eqx.filter(s, eqx.is_array)))
+
+    g, r = grads_both(system, x0, squared_error(target), control_cost=decay)
+    assert_tree_allclose(g, r, rtol=1e-10)
+    jitted = eqx.filter_jit(eqx.filter_grad(lambda s: squared_error(target)(s.trajectory(x0)) + decay(s)))
+    assert_tree_allclose(jitted(system), g[0], rtol=1e-12)
+
+
+def test_single_pattern_and_shapes(getkey):
+    system = stacked_system(getkey(), n=4, depth=3)
+    x = jax.random.normal(getkey(), (4,))
+    traj = system.trajectory(x)
+    assert traj.shape == (4, 4)
+    assert system(x).shape == (4,)
+    tsys = tuple_system(getkey())
+    traj = tsys.trajectory(jnp.ones(3))
+    assert [t.shape for t in traj] == [(3,), (5,), (4,), (4,), (2,)]
+    batch = tsys.trajectory(jnp.ones((7, 3)))
+    assert [t.shape for t in batch] == [(7, 3), (7, 5), (7, 4), (7, 4), (7, 2)]
+
+
+def test_vmap_of_grad_and_grad_of_vmap(getkey):
+    system = tuple_system(getkey())
+    xs = jax.random.normal(getkey(), (5, 3))
+    target = jax.random.normal(getkey(), (2,))
+
+    def loss(s, x):
+        return jnp.sum((target - s(x)) ** 2)
+
+    per = jax.vmap(eqx.filter_grad(loss), in_axes=(None, 0))(system, xs)
+    per_ref = jax.vmap(eqx.filter_grad(loss), in_axes=(None, 0))(with_autodiff(system), xs)
+    assert_tree_allclose(per, per_ref, rtol=1e-10)
+    summed = eqx.filter_grad(lambda s: jnp.sum(jax.vmap(lambda x: loss(s, x))(xs)))(system)
+    assert_tree_allclose(jax.tree.map(lambda a: a.sum(0), per), summed, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["tuple", "stacked-tanh"])
+def test_grad_of_grad(name, getkey):
+    """The backward pass is differentiable JAX: second derivatives match autodiff."""
+    system, xshape, dshape = SYSTEMS[name](getkey())
+    x0 = jax.random.normal(getkey(), xshape)
+    target = jax.random.normal(getkey(), dshape)
+    cost = squared_error(target)
+
+    def grad_norm(x, s):
+        g = eqx.filter_grad(lambda s_: cost(s_.trajectory(x)))(s)
+        return sum(jnp.sum(a**2) for a in jax.tree.leaves(g))
+
+    hv = jax.grad(grad_norm)(x0, system)
+    hv_ref = jax.grad(grad_norm)(x0, with_autodiff(system))
+    assert_tree_allclose(hv, hv_ref, rtol=1e-9)
+
+
+def test_float32_runs(getkey):
+    key = getkey()
+    system = aj.Multistage(
+        [aj.Dense(3, 8, dtype=jnp.float32, key=key), aj.Dense(8, 2, "sigmoid", dtype=jnp.float32, key=key)]
+    )
+    x0 = jax.random.normal(getkey(), (6, 3), jnp.float32)
+    target = jnp.ones((6, 2), jnp.float32)
+    g, r = grads_both(system, x0, squared_error(target))
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g))
+    assert_tree_allclose(g, r, rtol=1e-5)
+
+
+def test_optax_training_reduces_loss(getkey):
+    x, y = aj.datasets.parity(3)
+    keys = jax.random.split(getkey(), 2)
+    system = aj.Multistage([aj.Dense(3, 8, key=keys[0]), aj.Dense(8, 1, key=keys[1])])
+    opt = optax.adam(0.05)
+    state = opt.init(eqx.filter(system, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(system, state):
+        loss, g = eqx.filter_value_and_grad(lambda s: jnp.sum((y - s(x)) ** 2))(system)
+        updates, state = opt.update(g, state)
+        return eqx.apply_updates(system, updates), state, loss
+
+    first = None
+    for _ in range(300):
+        system, state, loss = step(system, state)
+        first = loss if first is None else first
+    assert float(loss) < 0.05 * float(first)
+
+
+def test_stack_equals_tuple(getkey):
+    stages = [aj.Dense(4, 4, key=k) for k in jax.random.split(getkey(), 3)]
+    x0 = jax.random.normal(getkey(), (5, 4))
+    target = jax.random.normal(getkey(), (5, 4))
+    cost = intermediate_cost(target, k=2)
+    tup, stk = aj.Multistage(stages), aj.Multistage.stack(stages)
+    assert stk.n_stages == 3 and stk.stacked and not tup.stacked
+    rt, rs = aj.costates(tup, x0, cost), aj.costates(stk, x0, cost)
+    for k in range(3):
+        assert jnp.allclose(rt.costates[k], rs.costates[k], rtol=1e-12, atol=1e-14)
+        assert jnp.allclose(rt.grads.stages[k].weight, rs.grads.stages.weight[k], rtol=1e-12)
