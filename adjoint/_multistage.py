@@ -32,6 +32,10 @@ class AbstractAdjoint(eqx.Module):
     def trajectory(self, system: "Multistage", x0: Array) -> PyTree[Array]:
         """Forward pass on a batch `x0` (leading pattern axis); returns X(0..N)."""
 
+    def final(self, system: "Multistage", x0: Array) -> Array:
+        """X(N) alone (a strategy may differentiate this more cheaply)."""
+        return self.trajectory(system, x0)[-1]
+
 
 class CostateAdjoint(AbstractAdjoint):
     """Differentiate with the explicit costate recursion (a custom VJP).
@@ -44,7 +48,10 @@ class CostateAdjoint(AbstractAdjoint):
     """
 
     def trajectory(self, system, x0):
-        return _costate_trajectory((system, x0))
+        return _costate_trajectory((system, x0), False)
+
+    def final(self, system, x0):
+        return _costate_trajectory((system, x0), True)
 
 
 class AutodiffAdjoint(AbstractAdjoint):
@@ -196,7 +203,9 @@ class Multistage(eqx.Module):
 
     def __call__(self, x0: Array) -> Array:
         """X(N), the final state."""
-        return self.trajectory(x0)[-1]
+        xb, added = self.as_batch(x0)
+        out = self.adjoint.final(self, xb)
+        return out[0] if added else out
 
 
 def _unbatch(s: Array, stacked: bool) -> Array:
@@ -278,21 +287,22 @@ def _nonfinite_error(x, flags: Array, what: str, *, backward: bool = False):
     return eqx.branched_error_if(x, bad.any(), first, msgs)
 
 
-def _forward(system: Multistage, x0: Array) -> PyTree[Array]:
-    """X(k) = f_k(X(k-1)) for k = 1..N on a batch of patterns."""
-    if system.stacked:
-        dynamic, static = eqx.partition(system.stages, eqx.is_array)
+def _forward_stacked(system: Multistage, x0: Array) -> Array:
+    """X(1..N) of the stacked layout as one array (N, P, ...), by `lax.scan`."""
+    dynamic, static = eqx.partition(system.stages, eqx.is_array)
 
-        def step(x, d):
-            x = jax.vmap(eqx.combine(d, static))(x)
-            return x, x
+    def step(x, d):
+        x = jax.vmap(eqx.combine(d, static))(x)
+        return x, x
 
-        _, xs = jax.lax.scan(step, x0, dynamic)
-        states = jnp.concatenate([x0[None], xs])
-        if system.check_finite:
-            flags = jnp.isfinite(xs).reshape(xs.shape[0], -1).all(axis=1)
-            states = _nonfinite_error(states, flags, "state X({k})")
-        return states
+    _, xs = jax.lax.scan(step, x0, dynamic)
+    if system.check_finite:
+        flags = jnp.isfinite(xs).reshape(xs.shape[0], -1).all(axis=1)
+        xs = _nonfinite_error(xs, flags, "state X({k})")
+    return xs
+
+
+def _forward_tuple(system: Multistage, x0: Array) -> tuple[Array, ...]:
     states = [x0]
     for stage in system.stages:
         states.append(jax.vmap(stage)(states[-1]))
@@ -301,6 +311,13 @@ def _forward(system: Multistage, x0: Array) -> PyTree[Array]:
         flags = jnp.stack([jnp.isfinite(x).all() for x in states[1:]])
         states = _nonfinite_error(states, flags, "state X({k})")
     return states
+
+
+def _forward(system: Multistage, x0: Array) -> PyTree[Array]:
+    """X(k) = f_k(X(k-1)) for k = 1..N on a batch of patterns: X(0..N)."""
+    if system.stacked:
+        return jnp.concatenate([x0[None], _forward_stacked(system, x0)])
+    return _forward_tuple(system, x0)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,9 +350,15 @@ def costate_recursion(
     `keep_costates` (a tuple, or an array with leading axis N), else None.
     """
     if system.stacked:
-        return _recursion_stacked(system, states, state_cotangents, keep_costates)
+        return _recursion_stacked(
+            system, states[0], states[1:], state_cotangents, None, keep_costates
+        )
+    return _recursion_tuple(system, states, state_cotangents, keep_costates)
+
+
+def _recursion_tuple(system, states, cts, keep_costates):
     n = len(system.stages)
-    cts = tuple(state_cotangents)
+    cts = tuple(cts)
     lam = cts[n]
     if lam is None:
         lam = jnp.zeros_like(states[n])
@@ -355,20 +378,34 @@ def costate_recursion(
     return lam0, grads, (tuple(lams[1:]) if keep_costates else None)
 
 
-def _recursion_stacked(system, states, cts, keep_costates):
+def _recursion_stacked(system, x0, xs, ct_trajectory, ct_final, keep_costates):
+    """The recursion as a reversed `lax.scan` over stage indices i = k − 1.
+
+    The states X(1..N) (`xs`) and the trajectory's cotangent (N+1, P, ...) are read by
+    index inside the loop, so nothing is sliced or concatenated outside it; when the
+    cost reads X(N) alone (`ct_final`) no per-stage cotangent is added at all.
+    """
     dynamic, static = eqx.partition(system.stages, eqx.is_array)
-    lam_n = jnp.zeros_like(states[-1]) if cts is None else cts[-1]
+    n = xs.shape[0]
+    if ct_final is not None:
+        lam_n = ct_final
+    elif ct_trajectory is not None:
+        lam_n = ct_trajectory[n]
+    else:
+        lam_n = jnp.zeros_like(xs[-1])
+    record = keep_costates or system.check_finite
 
     def step(lam, inputs):
-        d, x_prev, x_next, ct_prev = inputs
+        d, i = inputs
+        x_next = jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)
+        x_prev = jax.lax.dynamic_index_in_dim(xs, jnp.maximum(i - 1, 0), keepdims=False)
+        x_prev = jnp.where(i == 0, x0, x_prev)
         lam_prev, grad = eqx.combine(d, static).costate(x_prev, x_next, lam)
-        grad = eqx.filter(grad, eqx.is_array)
-        if ct_prev is not None:
-            lam_prev = lam_prev + ct_prev
-        return lam_prev, (grad, lam if keep_costates or system.check_finite else None)
+        if ct_trajectory is not None:
+            lam_prev = lam_prev + jax.lax.dynamic_index_in_dim(ct_trajectory, i, keepdims=False)
+        return lam_prev, (eqx.filter(grad, eqx.is_array), lam if record else None)
 
-    xs = (dynamic, states[:-1], states[1:], None if cts is None else cts[:-1])
-    lam0, (grads, lams) = jax.lax.scan(step, lam_n, xs, reverse=True)
+    lam0, (grads, lams) = jax.lax.scan(step, lam_n, (dynamic, jnp.arange(n)), reverse=True)
     if system.check_finite:
         flags = jnp.isfinite(lams).reshape(lams.shape[0], -1).all(axis=1)
         lam0, grads = _nonfinite_error((lam0, grads), flags, "costate B({k})", backward=True)
@@ -389,23 +426,36 @@ def _system_grads(system: Multistage, stage_grads) -> Multistage:
 
 
 @eqx.filter_custom_vjp
-def _costate_trajectory(vjp_arg):
+def _costate_trajectory(vjp_arg, final_only: bool):
     system, x0 = vjp_arg
-    return _forward(system, x0)
+    states = _forward(system, x0)
+    return states[-1] if final_only else states
 
 
 @_costate_trajectory.def_fwd
-def _costate_trajectory_fwd(perturbed, vjp_arg):
+def _costate_trajectory_fwd(perturbed, vjp_arg, final_only):
     del perturbed
     system, x0 = vjp_arg
-    states = _forward(system, x0)
-    return states, states  # only the states are stored
+    if system.stacked:
+        xs = _forward_stacked(system, x0)  # X(1..N); X(0) is x0 itself
+        out = xs[-1] if final_only else jnp.concatenate([x0[None], xs])
+        return out, xs
+    states = _forward_tuple(system, x0)
+    return (states[-1] if final_only else states), states  # only the states are stored
 
 
 @_costate_trajectory.def_bwd
-def _costate_trajectory_bwd(states, state_cotangents, perturbed, vjp_arg):
+def _costate_trajectory_bwd(residuals, cotangent, perturbed, vjp_arg, final_only):
     system, x0 = vjp_arg
-    lam0, stage_grads, _ = costate_recursion(system, states, state_cotangents)
+    if system.stacked:
+        ct_trajectory, ct_final = (None, cotangent) if final_only else (cotangent, None)
+        lam0, stage_grads, _ = _recursion_stacked(
+            system, x0, residuals, ct_trajectory, ct_final, keep_costates=False
+        )
+    else:
+        n = len(system.stages)
+        cts = (None,) * n + (cotangent,) if final_only else cotangent
+        lam0, stage_grads, _ = _recursion_tuple(system, residuals, cts, keep_costates=False)
     grads = _system_grads(system, stage_grads)
     grads = jtu.tree_map(
         lambda p, g: g if p else None, perturbed[0], grads, is_leaf=lambda x: x is None
