@@ -28,11 +28,17 @@ SUITES = (
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: minutes on a 2-core CPU")
     parser.add_argument("--only", nargs="+", choices=SUITES, help="run only these suites")
-    parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
-                        help="JAX platform to run on (default: JAX's choice)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu", "tpu"),
+        default=None,
+        help="JAX platform to run on (default: JAX's choice)",
+    )
     args = parser.parse_args(argv)
     if args.device is not None:
         import jax

@@ -22,6 +22,7 @@ from ._common import (
     interleaved_medians,
     md_table,
     metadata,
+    save_figure,
     write_results,
 )
 
@@ -84,9 +85,10 @@ def run(quick: bool = False) -> dict:
                     "jax_grad_temp_bytes": mem_ad.get("temp_bytes"),
                 }
             )
+            r = rows[-1]
             print(
-                f"{layout:8s} N={depth:3d}  costate/jax.grad = {rows[-1]['costate_over_jax_grad']:.3f}"
-                f"  grad/forward = {rows[-1]['costate_over_forward']:.2f}",
+                f"{layout:8s} N={depth:3d}  costate/jax.grad = {r['costate_over_jax_grad']:.3f}"
+                f"  grad/forward = {r['costate_over_forward']:.2f}",
                 flush=True,
             )
 
@@ -99,7 +101,10 @@ def run(quick: bool = False) -> dict:
                 p, _, g = _fns(system, x0, target)
                 row[f"{name}_compile_s"] = compile_seconds(g, p)
             compile_rows.append(row)
-            print(f"compile {layout:8s} N={depth:3d}  costate {row['costate_compile_s']:.2f}s", flush=True)
+            print(
+                f"compile {layout:8s} N={depth:3d}  costate {row['costate_compile_s']:.2f}s",
+                flush=True,
+            )
 
     data = {
         "suite": "costate",
@@ -123,12 +128,29 @@ def run(quick: bool = False) -> dict:
         f"width {width}, batch {batch}; median of {repeats} interleaved runs after warm-up.",
         "",
         md_table(
-            ["layout", "N", "forward ms", "jax.grad ms", "costate ms", "costate/jax.grad",
-             "grad/forward", "costate temp MB", "jax.grad temp MB"],
             [
-                [r["layout"], r["depth"], 1e3 * r["forward_s"], 1e3 * r["jax_grad_s"],
-                 1e3 * r["costate_s"], r["costate_over_jax_grad"], r["costate_over_forward"],
-                 (r["costate_temp_bytes"] or 0) / 2**20, (r["jax_grad_temp_bytes"] or 0) / 2**20]
+                "layout",
+                "N",
+                "forward ms",
+                "jax.grad ms",
+                "costate ms",
+                "costate/jax.grad",
+                "grad/forward",
+                "costate temp MB",
+                "jax.grad temp MB",
+            ],
+            [
+                [
+                    r["layout"],
+                    r["depth"],
+                    1e3 * r["forward_s"],
+                    1e3 * r["jax_grad_s"],
+                    1e3 * r["costate_s"],
+                    r["costate_over_jax_grad"],
+                    r["costate_over_forward"],
+                    (r["costate_temp_bytes"] or 0) / 2**20,
+                    (r["jax_grad_temp_bytes"] or 0) / 2**20,
+                ]
                 for r in rows
             ],
         ),
@@ -137,12 +159,49 @@ def run(quick: bool = False) -> dict:
         "",
         md_table(
             ["layout", "N", "costate", "jax.grad"],
-            [[r["layout"], r["depth"], r["costate_compile_s"], r["jax_grad_compile_s"]]
-             for r in compile_rows],
+            [
+                [r["layout"], r["depth"], r["costate_compile_s"], r["jax_grad_compile_s"]]
+                for r in compile_rows
+            ],
         ),
     ]
-    write_results("costate_quick" if quick else "costate", data, "\n".join(md))
+    name = "costate_quick" if quick else "costate"
+    write_results(name, data, "\n".join(md))
+    _plot(name, rows)
     return data
+
+
+def _plot(name: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for layout, style in (("tuple", "-"), ("stacked", "--")):
+        rs = [r for r in rows if r["layout"] == layout]
+        n = [r["depth"] for r in rs]
+        for key, label in (
+            ("forward_s", "forward"),
+            ("jax_grad_s", "jax.grad"),
+            ("costate_s", "costate"),
+        ):
+            ax[0].loglog(
+                n, [1e3 * r[key] for r in rs], style, marker="o", label=f"{label} ({layout})"
+            )
+        for key, label in (("jax_grad_temp_bytes", "jax.grad"), ("costate_temp_bytes", "costate")):
+            ax[1].loglog(
+                n,
+                [(r[key] or 1) / 2**20 for r in rs],
+                style,
+                marker="o",
+                label=f"{label} ({layout})",
+            )
+    ax[0].set(xlabel="depth N", ylabel="median time (ms)", title="time against depth")
+    ax[1].set(xlabel="depth N", ylabel="XLA temp memory (MiB)", title="memory against depth")
+    for a in ax:
+        a.legend(fontsize=7)
+    save_figure(name, fig)
 
 
 def main(argv=None):

@@ -9,7 +9,10 @@ import adjoint as aj
 
 
 def test_stages_that_do_not_chain(getkey):
-    with pytest.raises(ValueError, match=r"stage 1 \(Dense\) outputs states of shape \(5,\).*stage 2 \(Dense\) expects shape \(4,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage 1 \(Dense\) outputs states of shape \(5,\).*stage 2 \(Dense\) expects shape \(4,\)",
+    ):
         aj.Multistage([aj.Dense(3, 5, key=getkey()), aj.Dense(4, 2, key=getkey())])
 
 
@@ -19,13 +22,18 @@ class Squash(aj.AbstractStage):
 
 
 def test_user_stage_that_cannot_take_the_shape(getkey):
-    with pytest.raises(ValueError, match=r"stage 2 \(Squash\) cannot take a state of shape \(3,\) from stage 1 \(Dense\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage 2 \(Squash\) cannot take a state of shape \(3,\) from stage 1 \(Dense\)",
+    ):
         aj.Multistage([aj.Dense(2, 3, key=getkey()), Squash()])
 
 
 def test_wrong_x0_size(getkey):
     system = aj.Multistage([aj.Dense(3, 2, key=getkey())])
-    with pytest.raises(ValueError, match=r"x0 has shape \(4, 5\).*expects one pattern of shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"x0 has shape \(4, 5\).*expects one pattern of shape \(3,\)"
+    ):
         system(jnp.ones((4, 5)))
     with pytest.raises(TypeError, match="floating"):
         system(jnp.ones((4, 3), jnp.int32))

@@ -51,9 +51,7 @@ def squared_error(target):
 
 
 def intermediate_cost(target, k=1, weight=0.3):
-    return lambda states: jnp.sum((target - states[-1]) ** 2) + weight * jnp.sum(
-        jnp.cos(states[k])
-    )
+    return lambda states: jnp.sum((target - states[-1]) ** 2) + weight * jnp.sum(jnp.cos(states[k]))
 
 
 def grads_both(system, x0, cost, control_cost=None):
@@ -125,7 +123,9 @@ def test_weight_decay_and_jit_grad(getkey):
 
     g, r = grads_both(system, x0, squared_error(target), control_cost=decay)
     assert_tree_allclose(g, r, rtol=1e-10)
-    jitted = eqx.filter_jit(eqx.filter_grad(lambda s: squared_error(target)(s.trajectory(x0)) + decay(s)))
+    jitted = eqx.filter_jit(
+        eqx.filter_grad(lambda s: squared_error(target)(s.trajectory(x0)) + decay(s))
+    )
     assert_tree_allclose(jitted(system), g[0], rtol=1e-12)
 
 
@@ -177,7 +177,10 @@ def test_grad_of_grad(name, getkey):
 def test_float32_runs(getkey):
     key = getkey()
     system = aj.Multistage(
-        [aj.Dense(3, 8, dtype=jnp.float32, key=key), aj.Dense(8, 2, "sigmoid", dtype=jnp.float32, key=key)]
+        [
+            aj.Dense(3, 8, dtype=jnp.float32, key=key),
+            aj.Dense(8, 2, "sigmoid", dtype=jnp.float32, key=key),
+        ]
     )
     x0 = jax.random.normal(getkey(), (6, 3), jnp.float32)
     target = jnp.ones((6, 2), jnp.float32)
