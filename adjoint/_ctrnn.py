@@ -1,0 +1,779 @@
+"""Continuous-time recurrent networks (Pineda 1987; Almeida 1987), section 3.2 of the paper.
+
+The network relaxes under
+
+    τ dX/dt = F(W X + b + I) − X                       (forward dynamics)
+
+to a fixed point X* = F(W X* + b + I). With A = W X + b + I, F' = ∂F/∂A (diagonal for an
+elementwise F) and the Lagrangian L = C(X) + Bᵀ[X − F(W X + b + I)], the coefficient of
+δX vanishes when
+
+    ∂Cᵀ/∂X + B − Wᵀ F'ᵀ B = 0                          (the adjoint, a linear system)
+    τ_B dB/dt = −B + Wᵀ F'ᵀ B − ∂Cᵀ/∂X                 (Pineda's backward network)
+    Y = F'ᵀ B,   dC/dW = −Y X*ᵀ,  dC/db = −Y,  dC/dI = −Y.
+
+B is the paper's multiplier, B = −∂C/∂X (so B = 2(D − X*) for a squared error on X*).
+Internally the solves carry the cotangent λ = −B, which is what `jax.grad` hands to a
+custom VJP: λ − Wᵀ F' λ = ∂Cᵀ/∂X. Nothing of the forward relaxation is stored: the
+backward pass needs X* alone (F' is recomputed from X*), so memory does not depend on
+how many steps the relaxation took.
+"""
+
+import abc
+from collections.abc import Callable
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
+
+from ._stage import _ACTIVATIONS, _activation_name, apply_activation
+
+
+def _max_norm(x: Array) -> Scalar:
+    return jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype)
+
+
+def _spectral_norm_estimate(weight: Array, iterations: int = 16) -> Scalar:
+    """‖W‖₂ by power iteration on WᵀW (a few matrix-vector products, no SVD)."""
+    v = jnp.ones(weight.shape[-1:], weight.dtype) / weight.shape[-1] ** 0.5
+
+    def step(_, v):
+        u = weight.T @ (weight @ v)
+        return u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(weight.dtype).tiny)
+
+    v = jax.lax.fori_loop(0, iterations, step, v)
+    return jnp.linalg.norm(weight @ v)
+
+
+def _controller(controller, tau, weight, slope):
+    """The default step-size controller for a relaxation to rest: PIDController with its
+    step capped at 2.5 τ / (1 + 1.2 ‖W‖₂ max|F'|), so that λ dt stays inside the
+    solver's stability region for every eigenvalue λ of (W F' − 1)/τ. Without the cap an
+    adaptive solver sits on its stability boundary near rest, where its error estimate
+    holds the residual at the controller's tolerance instead of letting it decay."""
+    if controller is not None:
+        return controller
+    bound = 1 + 1.2 * slope * _spectral_norm_estimate(jax.lax.stop_gradient(weight))
+    return diffrax.PIDController(rtol=1e-5, atol=1e-5, dtmax=2.5 * tau / bound)
+
+
+# --------------------------------------------------------------------------------------
+# Forward strategies: how the fixed point X* = F(W X* + b + I) is found.
+# --------------------------------------------------------------------------------------
+
+
+class AbstractRelaxation(eqx.Module):
+    """How a `CTRNN` finds its fixed point X* = F(W X* + b + I)."""
+
+    @abc.abstractmethod
+    def fixed_point(
+        self, ctrnn: "CTRNN", inputs: Array, x0: Array
+    ) -> tuple[Array, Int[Array, ""], Bool[Array, ""]]:
+        """Return `(X*, number of steps, whether the solver reported success)` for a batch."""
+
+
+# Module-level maps (not closures), so that diffrax's and optimistix's compiled solves
+# are cached across calls with the same shapes.
+def _relaxation_map(x, args):
+    net, inputs = args[:2]
+    return net._map(x, inputs)
+
+
+def _relaxation_vector_field(t, x, args):
+    """dX/dt = (F(W X + b + I) − X) / τ."""
+    net, inputs = args[:2]
+    return (net._map(x, inputs) - x) / net.tau
+
+
+def _relaxation_at_rest(t, x, args, **kwargs):
+    net, inputs, rtol, atol = args
+    return _max_norm(net._map(x, inputs) - x) <= atol + rtol * _max_norm(x)
+
+
+class Relaxation(AbstractRelaxation):
+    """Integrate τ dX/dt = F(W X + b + I) − X with diffrax until it is at rest.
+
+    The solve stops (a `diffrax.Event`) once the fixed-point residual satisfies
+    ‖X − F(W X + b + I)‖∞ ≤ atol + rtol ‖X‖∞ over the whole batch; reaching `max_steps`
+    first counts as not converged.
+
+    **Arguments:**
+
+    - `solver`: a diffrax ODE solver (default `diffrax.Tsit5()`).
+    - `stepsize_controller`: default `diffrax.PIDController(rtol=1e-5, atol=1e-5)` with
+      its step capped at 2.5 min τ / (1 + 1.2 ‖W‖₂ max|F'|) (estimated by power
+      iteration). Only the residual at rest matters, not the transient; the cap keeps
+      an adaptive solver off its stability boundary, where its error estimate would
+      otherwise hold the residual at the controller's tolerance.
+    - `rtol`, `atol`: the steady-state tolerances above (default 1e-6).
+    - `dt0`: initial step (required by a constant step size; default None).
+    - `max_steps`: the most ODE steps (default 4096).
+    """
+
+    solver: diffrax.AbstractSolver = diffrax.Tsit5()
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None
+    rtol: float = 1e-6
+    atol: float = 1e-6
+    dt0: float | None = None
+    max_steps: int = 4096
+
+    def fixed_point(self, ctrnn, inputs, x0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_relaxation_vector_field),
+            self.solver,
+            t0=jnp.zeros((), x0.dtype),  # time in the state's dtype, so float32 stays float32
+            t1=jnp.asarray(jnp.inf, x0.dtype),
+            dt0=self.dt0,
+            y0=x0,
+            args=(ctrnn, inputs, self.rtol, self.atol),
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=_controller(
+                self.stepsize_controller, jnp.min(ctrnn.tau), ctrnn.weight, ctrnn._max_slope
+            ),
+            event=diffrax.Event(_relaxation_at_rest),
+            max_steps=self.max_steps,
+            throw=False,
+        )
+        ok = sol.result == diffrax.RESULTS.event_occurred
+        return sol.ys[-1].astype(x0.dtype), sol.stats["num_steps"], ok
+
+
+class FixedPointSolve(AbstractRelaxation):
+    """Solve X = F(W X + b + I) directly with an optimistix fixed-point (or root) solver.
+
+    With the default `optx.FixedPointIteration` this is X ← F(W X + b + I), an Euler step
+    of the relaxation with dt = τ; it converges when W F' is a contraction.
+
+    **Arguments:**
+
+    - `solver`: an optimistix fixed-point or root-find solver (default
+      `optx.FixedPointIteration(rtol=1e-6, atol=1e-6)`).
+    - `max_steps`: the most iterations (default 256).
+    """
+
+    solver: optx.AbstractFixedPointSolver | optx.AbstractRootFinder = optx.FixedPointIteration(
+        rtol=1e-6, atol=1e-6
+    )
+    max_steps: int = 256
+
+    def fixed_point(self, ctrnn, inputs, x0):
+        sol = optx.fixed_point(
+            _relaxation_map,
+            self.solver,
+            x0,
+            (ctrnn, inputs),
+            max_steps=self.max_steps,
+            throw=False,
+        )
+        return sol.value, sol.stats["num_steps"], sol.result == optx.RESULTS.successful
+
+
+# --------------------------------------------------------------------------------------
+# Adjoint strategies: how ∂Cᵀ/∂X + B − Wᵀ F'ᵀ B = 0 is solved.
+# --------------------------------------------------------------------------------------
+
+
+def _adjoint_map(weight: Array, derivative: Array, lam: Array) -> Array:
+    """λ ↦ Wᵀ F' λ for a batch of row vectors (leading pattern axis)."""
+    return (derivative * lam) @ weight
+
+
+def _adjoint_iteration_map(lam, args):
+    """λ ↦ Wᵀ F' λ + ∂Cᵀ/∂X  (B ↦ Wᵀ F'ᵀ B − ∂Cᵀ/∂X with B = −λ)."""
+    weight, derivative, cotangent = args[:3]
+    return _adjoint_map(weight, derivative, lam) + cotangent
+
+
+def _pineda_vector_field(t, lam, args):
+    """In λ = −B:  τ_B dλ/dt = −λ + Wᵀ F' λ + ∂Cᵀ/∂X."""
+    tau = args[3]
+    return (_adjoint_iteration_map(lam, args) - lam) / tau
+
+
+def _pineda_at_rest(t, lam, args, **kwargs):
+    rtol, atol = args[4:]
+    return _max_norm(_adjoint_iteration_map(lam, args) - lam) <= atol + rtol * _max_norm(lam)
+
+
+class AbstractCTRNNAdjoint(eqx.Module):
+    """How a `CTRNN` solves its adjoint system B − Wᵀ F'ᵀ B = −∂Cᵀ/∂X.
+
+    Implementations solve, in the cotangent convention λ = −B that `jax.grad` uses,
+    λ − Wᵀ F' λ = g with g = ∂Cᵀ/∂X* (a batch with a leading pattern axis).
+    """
+
+    @abc.abstractmethod
+    def solve(
+        self, weight: Array, derivative: Array, cotangent: Array
+    ) -> tuple[Array, Int[Array, ""], Bool[Array, ""]]:
+        """Return `(λ, number of steps, whether the solver reported success)`."""
+
+
+class PinedaAdjoint(AbstractCTRNNAdjoint):
+    """Pineda's backward network: integrate τ_B dB/dt = −B + Wᵀ F'ᵀ B − ∂Cᵀ/∂X with
+    diffrax from B(0) = −∂Cᵀ/∂X until it is at rest (its fixed point is the multiplier B).
+
+    It converges whenever the forward fixed point is stable (the eigenvalues of W F' − 1
+    have negative real part), even where the plain iteration B ← Wᵀ F' B − ∂Cᵀ/∂X
+    diverges. The solve stops once ‖B − Wᵀ F'ᵀ B + ∂Cᵀ/∂X‖∞ ≤ atol + rtol ‖B‖∞.
+
+    **Arguments:** `solver` (default `diffrax.Tsit5()`), `stepsize_controller`
+    (default `diffrax.PIDController(rtol=1e-5, atol=1e-5)`, step capped as in
+    `Relaxation`), `rtol`,
+    `atol` (default 1e-6), `dt0`, `max_steps` (default 4096), `tau` τ_B (default 1.0).
+    """
+
+    solver: diffrax.AbstractSolver = diffrax.Tsit5()
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None
+    rtol: float = 1e-6
+    atol: float = 1e-6
+    dt0: float | None = None
+    max_steps: int = 4096
+    tau: float = 1.0
+
+    def solve(self, weight, derivative, cotangent):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_pineda_vector_field),
+            self.solver,
+            t0=jnp.zeros((), cotangent.dtype),
+            t1=jnp.asarray(jnp.inf, cotangent.dtype),
+            dt0=self.dt0,
+            y0=cotangent,
+            args=(weight, derivative, cotangent, self.tau, self.rtol, self.atol),
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=_controller(
+                self.stepsize_controller, self.tau, weight, jnp.max(jnp.abs(derivative))
+            ),
+            event=diffrax.Event(_pineda_at_rest),
+            max_steps=self.max_steps,
+            throw=False,
+        )
+        ok = sol.result == diffrax.RESULTS.event_occurred
+        return sol.ys[-1].astype(cotangent.dtype), sol.stats["num_steps"], ok
+
+
+class FixedPointAdjoint(AbstractCTRNNAdjoint):
+    """Iterate B ← Wᵀ F'ᵀ B − ∂Cᵀ/∂X with an optimistix fixed-point solver (Pineda's
+    backward network with Euler steps dt = τ_B; Almeida's recurrent back-propagation).
+
+    The leanest adjoint: one matrix product per sweep on the whole batch. It converges
+    when the spectral radius of W F' is below one (see `CTRNNSolution.spectral_radius`).
+
+    **Arguments:** `solver` (default `optx.FixedPointIteration(rtol=1e-6, atol=1e-6)`),
+    `max_steps` (default 256).
+    """
+
+    solver: optx.AbstractFixedPointSolver | optx.AbstractRootFinder = optx.FixedPointIteration(
+        rtol=1e-6, atol=1e-6
+    )
+    max_steps: int = 256
+
+    def solve(self, weight, derivative, cotangent):
+        sol = optx.fixed_point(
+            _adjoint_iteration_map,
+            self.solver,
+            cotangent,
+            (weight, derivative, cotangent),
+            max_steps=self.max_steps,
+            throw=False,
+        )
+        return sol.value, sol.stats["num_steps"], sol.result == optx.RESULTS.successful
+
+
+class LinearSolveAdjoint(AbstractCTRNNAdjoint):
+    """Solve (1 − Wᵀ F'ᵀ) B = −∂Cᵀ/∂X with lineax.
+
+    **Arguments:**
+
+    - `linear_solver`: a lineax solver (default `lx.LU()`).
+    - `dense`: if True (default) build one n×n matrix 1 − Wᵀ diag(F'_p) per pattern p and
+      solve them under `vmap` (exact, O(P n³)); if False pass the whole batch as one
+      matrix-free operator (for iterative solvers such as `lx.GMRES`, `lx.BiCGStab`).
+    """
+
+    linear_solver: lx.AbstractLinearSolver = lx.LU()
+    dense: bool = True
+
+    def solve(self, weight, derivative, cotangent):
+        if self.dense:
+            eye = jnp.eye(weight.shape[0], dtype=weight.dtype)
+
+            def one(d, g):
+                matrix = eye - weight.T * d[None, :]  # (1 − Wᵀ diag(d)) acting on columns
+                sol = lx.linear_solve(
+                    lx.MatrixLinearOperator(matrix), g, self.linear_solver, throw=False
+                )
+                return sol.value, sol.result == lx.RESULTS.successful
+
+            lam, ok = jax.vmap(one)(derivative, cotangent)
+            return lam, jnp.zeros((), jnp.int32), ok.all()
+        operator = lx.FunctionLinearOperator(
+            lambda lam: lam - _adjoint_map(weight, derivative, lam),
+            jax.ShapeDtypeStruct(cotangent.shape, cotangent.dtype),
+        )
+        sol = lx.linear_solve(operator, cotangent, self.linear_solver, throw=False)
+        steps = sol.stats.get("num_steps", jnp.zeros((), jnp.int32))
+        return sol.value, jnp.asarray(steps), sol.result == lx.RESULTS.successful
+
+
+# --------------------------------------------------------------------------------------
+# Certificates
+# --------------------------------------------------------------------------------------
+
+
+class CTRNNSolution(eqx.Module):
+    """The forward relaxation and its certificate.
+
+    - `fixed_point`: X*, shaped like the inputs.
+    - `residual`: ‖X* − F(W X* + b + I)‖∞ over the batch.
+    - `num_steps`: steps taken by the forward strategy.
+    - `spectral_radius`: an estimate of max_p ρ(F'_p W), the local contraction rate of
+      X ↦ F(W X + b + I) at X* (below 1: the fixed-point adjoint converges too).
+    - `converged`: whether the forward strategy reached its tolerance.
+    """
+
+    fixed_point: Array
+    residual: Scalar
+    num_steps: Int[Array, ""]
+    spectral_radius: Scalar
+    converged: Bool[Array, ""]
+
+
+class AdjointSolution(eqx.Module):
+    """The adjoint (backward network) at a fixed point, in the paper's sign convention.
+
+    - `costate`: B, solving ∂Cᵀ/∂X + B − Wᵀ F'ᵀ B = 0 (B = −∂C/∂X).
+    - `y`: Y = F'ᵀ B.
+    - `grads`: dC/dW = −Y X*ᵀ, dC/db = −Σ_p Y_p, dC/dτ = 0, shaped like the CTRNN's
+      inexact arrays (other leaves zero).
+    - `input_grad`: dC/dI = −Y.
+    - `residual`: ‖B − Wᵀ F'ᵀ B + ∂Cᵀ/∂X‖∞.
+    - `num_steps`: steps taken by the adjoint strategy (0 for a direct solve).
+    - `converged`: whether the adjoint strategy succeeded with a finite B.
+    """
+
+    costate: Array
+    y: Array
+    grads: PyTree
+    input_grad: Array
+    residual: Scalar
+    num_steps: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+
+def _spectral_radius(weight: Array, derivative: Array, iterations: int = 64) -> Scalar:
+    """max_p ρ(F'_p W) by power iteration: the geometric mean of the growth of
+    ‖(F'_p W)^k v‖ over the last half of the iterations (robust to complex pairs)."""
+    key = jax.random.key(0)
+    v = jax.random.normal(key, derivative.shape, derivative.dtype)
+    v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+    def step(k, carry):
+        v, log_growth = carry
+        v = derivative * (v @ weight.T)
+        norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+        count = k >= iterations // 2
+        log_growth = log_growth + jnp.where(count, jnp.log(norm[..., 0]), 0.0)
+        return v / jnp.where(norm > 0, norm, 1), log_growth
+
+    zero = jnp.zeros(derivative.shape[:-1], derivative.dtype)
+    _, log_growth = jax.lax.fori_loop(0, iterations, step, (v, zero))
+    return jnp.max(jnp.exp(log_growth / (iterations - iterations // 2)))
+
+
+_FORWARD_ERROR = (
+    "CTRNN: the forward relaxation τ dX/dt = F(W X + b + I) − X did not reach a fixed "
+    "point (max_steps reached, an unstable solver, or no stable fixed point: W F' is not "
+    "contractive). Call ctrnn.solve(inputs, throw=False) to see the residual and the "
+    "spectral radius of W F'."
+)
+_ADJOINT_ERROR = (
+    "CTRNN: the adjoint B − Wᵀ F'ᵀ B = −∂Cᵀ/∂X was not solved (max_steps reached, or the "
+    "spectral radius of W F' is not below 1 for a fixed-point adjoint; PinedaAdjoint() "
+    "or LinearSolveAdjoint() solve it whenever the fixed point is stable). Call "
+    "ctrnn.solve_adjoint(...) with throw=False to see its residual."
+)
+
+
+# --------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------
+
+
+def _stop_gradient(tree):
+    return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
+
+
+def _concrete(x) -> np.ndarray | None:
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+class CTRNN(eqx.Module):
+    """A continuous-time recurrent network τ dX/dt = F(W X + b + I) − X (Pineda, Almeida).
+
+    Calling `ctrnn(inputs)` returns the fixed point X* = F(W X* + b + I) for each pattern
+    (external input I). It is differentiable through a custom VJP whose backward pass is
+    the Pineda–Almeida adjoint: ∂Cᵀ/∂X + B − Wᵀ F'ᵀ B = 0, Y = F'ᵀ B, dC/dW = −Y X*ᵀ,
+    dC/db = −Y, dC/dI = −Y (B = −∂C/∂X, the paper's sign). Only X* is kept for the
+    backward pass. The fixed point does not depend on τ, so dC/dτ = 0.
+
+    **Arguments:**
+
+    - `size`: n, the number of units (or pass `weight=` and `bias=` instead).
+    - `activation`: F; `"tanh"` (default), `"sigmoid"`, `"relu"`, `"identity"` or any
+      elementwise callable (F' is computed from X* = F(A) for the named ones, from A
+      recomputed at X* for a callable).
+    - `weight`, `bias`: W (n, n) and b (n,) to use instead of a random initialisation.
+    - `tau`: τ, a positive scalar or a positive (n,) diagonal (default 1.0).
+    - `forward`: `Relaxation()` (diffrax, default) or `FixedPointSolve()` (optimistix).
+    - `adjoint`: `PinedaAdjoint()` (diffrax, default), `FixedPointAdjoint()`
+      (optimistix) or `LinearSolveAdjoint()` (lineax).
+    - `spectral_norm`: for the random initialisation, W is scaled to this largest
+      singular value (default 0.5, a contraction for |F'| ≤ 1).
+    - `dtype`: floating dtype for the random initialisation.
+    - `key`: a `jax.random` key (required for the random initialisation).
+    """
+
+    weight: Float[Array, "n n"]
+    bias: Float[Array, " n"]
+    tau: Float[Array, ""] | Float[Array, " n"]
+    forward: AbstractRelaxation
+    adjoint: AbstractCTRNNAdjoint
+    activation: str | Callable = eqx.field(static=True)
+
+    def __init__(
+        self,
+        size: int | None = None,
+        activation: str | Callable = "tanh",
+        *,
+        weight: Array | None = None,
+        bias: Array | None = None,
+        tau: float | Array = 1.0,
+        forward: AbstractRelaxation = Relaxation(),
+        adjoint: AbstractCTRNNAdjoint = PinedaAdjoint(),
+        spectral_norm: float = 0.5,
+        dtype=None,
+        key: PRNGKeyArray | None = None,
+    ):
+        if not isinstance(forward, AbstractRelaxation):
+            raise TypeError(
+                "CTRNN: forward must be an AbstractRelaxation such as Relaxation() or "
+                f"FixedPointSolve(), got {type(forward).__name__}"
+            )
+        if not isinstance(adjoint, AbstractCTRNNAdjoint):
+            raise TypeError(
+                "CTRNN: adjoint must be an AbstractCTRNNAdjoint such as PinedaAdjoint(), "
+                f"FixedPointAdjoint() or LinearSolveAdjoint(), got {type(adjoint).__name__}"
+            )
+        if weight is None:
+            if size is None or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"CTRNN: size must be a positive int, got {size!r}")
+            if key is None:
+                raise ValueError("CTRNN: a key is needed for the random initialisation")
+            if dtype is None:
+                dtype = jnp.zeros(()).dtype
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(f"CTRNN: dtype must be floating, got {dtype}")
+            wkey, bkey = jax.random.split(key)
+            w = jax.random.normal(wkey, (size, size), dtype)
+            weight = w * (spectral_norm / jnp.linalg.norm(w, ord=2))
+            if bias is None:
+                bias = 0.1 * jax.random.normal(bkey, (size,), dtype)
+        weight = jnp.asarray(weight)
+        if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
+            raise ValueError(f"CTRNN: weight must be square (n, n), got shape {weight.shape}")
+        if not jnp.issubdtype(weight.dtype, jnp.floating):
+            raise TypeError(f"CTRNN: weight must be floating, got dtype {weight.dtype}")
+        n = weight.shape[0]
+        if size is not None and size != n:
+            raise ValueError(f"CTRNN: size={size} but weight has shape {weight.shape}")
+        bias = jnp.zeros((n,), weight.dtype) if bias is None else jnp.asarray(bias, weight.dtype)
+        if bias.shape != (n,):
+            raise ValueError(f"CTRNN: bias must have shape ({n},), got {bias.shape}")
+        tau = jnp.asarray(tau, weight.dtype)
+        if tau.shape not in ((), (n,)):
+            raise ValueError(
+                f"CTRNN: tau must be a scalar or a diagonal of shape ({n},), got {tau.shape}"
+            )
+        concrete = _concrete(tau)
+        if concrete is not None and not (concrete > 0).all():
+            raise ValueError(f"CTRNN: tau must be positive, got {concrete}")
+        self.weight, self.bias, self.tau = weight, bias, tau
+        self.activation = _activation_name(activation)
+        self.forward, self.adjoint = forward, adjoint
+
+    @property
+    def _max_slope(self) -> float:
+        """max |F'| for the named activations (1 for a user's callable, an assumption)."""
+        return 0.25 if self.activation == "sigmoid" else 1.0
+
+    @property
+    def size(self) -> int:
+        """n, the number of units."""
+        return self.weight.shape[0]
+
+    # ---- the maps of the paper ------------------------------------------------------
+
+    def _map(self, x: Array, inputs: Array) -> Array:
+        """X ↦ F(W X + b + I) on a batch of row vectors."""
+        return apply_activation(self.activation, x @ self.weight.T + self.bias + inputs)
+
+    def _derivative(self, x: Array, inputs: Array) -> Array:
+        """F'(A) at the fixed point, from X* = F(A) where the activation allows."""
+        if isinstance(self.activation, str):
+            return _ACTIVATIONS[self.activation][1](x)
+        a = x @ self.weight.T + self.bias + inputs
+        return jax.jvp(self.activation, (a,), (jnp.ones_like(a),))[1]
+
+    def vector_field(self, t, x: Array, inputs: Array) -> Array:
+        """dX/dt = (F(W X + b + I) − X) / τ (diffrax's `(t, y, args)` signature)."""
+        del t
+        return (self._map(x, inputs) - x) / self.tau
+
+    def _as_batch(self, inputs: Array, x0: Array | None) -> tuple[Array, Array, bool]:
+        inputs = jnp.asarray(inputs)
+        n = self.size
+        if inputs.shape == (n,):
+            added = True
+            inputs = inputs[None]
+        elif inputs.ndim == 2 and inputs.shape[1] == n:
+            added = False
+        else:
+            raise ValueError(
+                f"CTRNN: inputs must have shape ({n},) or (P, {n}), got {inputs.shape}"
+            )
+        inputs = inputs.astype(jnp.result_type(inputs.dtype, self.weight.dtype))
+        if x0 is None:
+            x0 = jnp.zeros_like(inputs)
+        else:
+            x0 = jnp.asarray(x0, inputs.dtype)
+            x0 = x0[None] if x0.shape == (n,) else x0
+            x0 = jnp.broadcast_to(x0, inputs.shape)
+        return inputs, x0, added
+
+    # ---- public calls ---------------------------------------------------------------
+
+    def __call__(self, inputs: Array, x0: Array | None = None) -> Array:
+        """X*, the fixed point for each pattern (raises under jit if not converged).
+
+        **Arguments:** `inputs` I, shape (n,) or (P, n); `x0` the initial state of the
+        relaxation (default zero; the gradient with respect to it is zero).
+        """
+        inputs, x0, added = self._as_batch(inputs, x0)
+        x = _implicit_fixed_point((self, inputs), jax.lax.stop_gradient(x0))
+        return x[0] if added else x
+
+    def unrolled(self, inputs: Array, num_steps: int, x0: Array | None = None, step=1.0):
+        """T Euler steps of the relaxation, X ← X + step·(F(W X + b + I) − X), as plain
+        differentiable JAX (`lax.scan`): the back-propagation-through-time baseline.
+        With step = 1 this is the fixed-point iteration X ← F(W X + b + I)."""
+        inputs, x0, added = self._as_batch(inputs, x0)
+
+        def body(x, _):
+            return x + step * (self._map(x, inputs) - x), None
+
+        x, _ = jax.lax.scan(body, x0, None, length=num_steps)
+        return x[0] if added else x
+
+    def solve(self, inputs: Array, x0: Array | None = None, *, throw: bool = True) -> CTRNNSolution:
+        """Relax to the fixed point and return it with its certificate (not
+        differentiable; use `ctrnn(inputs)` for gradients).
+
+        With `throw=True` a run that did not converge raises (under jit too); with
+        `throw=False` it is returned with `converged=False`.
+        """
+        inputs, x0, added = self._as_batch(inputs, x0)
+        net = _stop_gradient(self)
+        x, steps, ok = net.forward.fixed_point(net, inputs, x0)
+        residual = _max_norm(net._map(x, inputs) - x)
+        ok = ok & jnp.isfinite(residual)
+        rho = _spectral_radius(net.weight, net._derivative(x, inputs))
+        if throw:
+            x = eqx.error_if(x, ~ok, _FORWARD_ERROR)
+        return CTRNNSolution(x[0] if added else x, residual, steps, rho, ok)
+
+    def solve_adjoint(
+        self, fixed_point: Array, inputs: Array, cost_gradient: Array, *, throw: bool = True
+    ) -> AdjointSolution:
+        """Solve ∂Cᵀ/∂X + B − Wᵀ F'ᵀ B = 0 at a fixed point X* for a given ∂C/∂X*.
+
+        **Returns:** an `AdjointSolution` with B, Y = F'ᵀ B, dC/dW = −Y X*ᵀ,
+        dC/db = −Σ_p Y_p, dC/dI = −Y, the residual and the step count.
+        """
+        inputs, x, added = self._as_batch(inputs, fixed_point)
+        g = jnp.asarray(cost_gradient, x.dtype)
+        g = g[None] if added else g
+        if g.shape != x.shape:
+            raise ValueError(f"CTRNN: cost_gradient must have shape {x.shape}, got {g.shape}")
+        lam, steps, ok, grads, input_grad = _adjoint(_stop_gradient(self), x, inputs, g)
+        residual = _max_norm(lam - _adjoint_map(self.weight, self._derivative(x, inputs), lam) - g)
+        ok = ok & jnp.isfinite(residual)
+        if throw:
+            lam = eqx.error_if(lam, ~ok, _ADJOINT_ERROR)
+        b = -lam
+        y = -self._derivative(x, inputs) * lam
+        if added:
+            b, y, input_grad = b[0], y[0], input_grad[0]
+        return AdjointSolution(b, y, grads, input_grad, residual, steps, ok)
+
+
+def _adjoint(net: CTRNN, x: Array, inputs: Array, g: Array):
+    """λ − Wᵀ F' λ = g, then the gradients (cotangent convention λ = −B, F'λ = −Y)."""
+    d = net._derivative(x, inputs)
+    lam, steps, ok = net.adjoint.solve(net.weight, d, g)
+    ok = ok & jnp.isfinite(lam).all()
+    neg_y = d * lam  # = −Y
+    grads = jtu.tree_map(jnp.zeros_like, eqx.filter(net, eqx.is_inexact_array))
+    grads = eqx.tree_at(lambda s: (s.weight, s.bias), grads, (neg_y.T @ x, neg_y.sum(axis=0)))
+    return lam, steps, ok, grads, neg_y
+
+
+# --------------------------------------------------------------------------------------
+# The custom VJP: forward stores X* only; backward is the Pineda–Almeida adjoint.
+# --------------------------------------------------------------------------------------
+
+
+def _forward_checked(net: CTRNN, inputs: Array, x0: Array) -> Array:
+    x, _, ok = net.forward.fixed_point(net, inputs, x0)
+    ok = ok & jnp.isfinite(x).all()
+    return eqx.error_if(x, ~ok, _FORWARD_ERROR)
+
+
+@eqx.filter_custom_vjp
+def _implicit_fixed_point(vjp_arg, x0):
+    net, inputs = vjp_arg
+    return _forward_checked(net, inputs, x0)
+
+
+@_implicit_fixed_point.def_fwd
+def _implicit_fixed_point_fwd(perturbed, vjp_arg, x0):
+    del perturbed
+    net, inputs = vjp_arg
+    x = _forward_checked(net, inputs, x0)
+    return x, x  # only X* is stored
+
+
+@_implicit_fixed_point.def_bwd
+def _implicit_fixed_point_bwd(x, g, perturbed, vjp_arg, x0):
+    del x0
+    net, inputs = vjp_arg
+    lam, _, ok, grads, neg_y = _adjoint(net, x, inputs, g.astype(x.dtype))
+    grads, neg_y = eqx.error_if((grads, neg_y), ~ok, _ADJOINT_ERROR)
+    grads = jtu.tree_map(
+        lambda p, gr: gr if p else None, perturbed[0], grads, is_leaf=lambda v: v is None
+    )
+    return grads, (neg_y if perturbed[1] else None)
+
+
+# --------------------------------------------------------------------------------------
+# Continuous learning: X, B and W integrated together.
+# --------------------------------------------------------------------------------------
+
+
+class LearningSolution(eqx.Module):
+    """The result of `continuous_learning`.
+
+    - `ctrnn`: the network with W(t1), b(t1).
+    - `ts`: the save times.
+    - `costs`: C(X(t)) at the save times.
+    - `states`, `costates`: X(t) and B(t) at the save times (B in the paper's sign).
+    - `weights`: W(t) at the save times.
+    - `num_steps`: ODE steps taken.
+    """
+
+    ctrnn: CTRNN
+    ts: Array
+    costs: Array
+    states: Array
+    costates: Array
+    weights: Array
+    num_steps: Int[Array, ""]
+
+
+def _learning_vector_field(t, y, args):
+    """(dX/dt, dB/dt, dW/dt, db/dt) of Pineda's continuous learning."""
+    x, b, w, bias = y
+    net, inputs, cost, tau_w, tau_b = args
+    net = eqx.tree_at(lambda s: (s.weight, s.bias), net, (w, bias))
+    dx = (net._map(x, inputs) - x) / net.tau
+    d = net._derivative(x, inputs)
+    db = (-b + (d * b) @ w - jax.grad(cost)(x)) / tau_b
+    y_ = d * b  # Y = F'ᵀ B
+    return dx, db, (y_.T @ x) / tau_w, y_.sum(axis=0) / tau_w
+
+
+def continuous_learning(
+    ctrnn: CTRNN,
+    inputs: Array,
+    cost: Callable[[Array], Scalar],
+    *,
+    t1: float,
+    tau_w: float = 10.0,
+    tau_b: float = 1.0,
+    x0: Array | None = None,
+    b0: Array | None = None,
+    num_saves: int = 101,
+    solver: diffrax.AbstractSolver = diffrax.Tsit5(),
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+    dt0: float | None = None,
+    max_steps: int = 65536,
+) -> LearningSolution:
+    """Pineda's continuous learning: the network, its backward network and its weights
+    evolve together (section 3.2 of the paper), integrated with diffrax:
+
+        τ   dX/dt = F(W X + b + I) − X
+        τ_B dB/dt = −B + Wᵀ F'ᵀ B − ∂Cᵀ/∂X
+        τ_w dW/dt = Σ_p Y_p X_pᵀ,   τ_w db/dt = Σ_p Y_p,   Y = F'ᵀ B.
+
+    With τ_w ≫ τ, τ_B, X and B track their fixed points and W follows the gradient flow
+    τ_w dW/dt = −dC/dW, the continuous counterpart of the discrete update
+    W ← W + λ Σ_p Y_p X_pᵀ (which is any optax optimiser on `jax.grad` of `ctrnn(inputs)`).
+    With τ_w too close to τ the coupled system can run away (W grows, the backward network
+    loses stability, B and W feed each other); the solve then fails loudly (max_steps).
+
+    **Arguments:**
+
+    - `ctrnn`: the initial network (its `activation` and τ are used).
+    - `inputs`: I, shape (P, n) or (n,).
+    - `cost`: C(X) for the batch of states, a scalar (e.g. Σ_p |D_p − X_p|²).
+    - `t1`: the length of the run; `tau_w`, `tau_b`: τ_w and τ_B.
+    - `x0`, `b0`: initial X and B (default zero).
+    - `num_saves`: number of evenly spaced save times in [0, t1].
+    - `solver`, `stepsize_controller` (default `PIDController(rtol=1e-6, atol=1e-6)`),
+      `dt0`, `max_steps`: as in `diffrax.diffeqsolve` (the solve raises if it fails).
+    """
+    inputs, x_init, added = ctrnn._as_batch(inputs, x0)
+    b_init = jnp.zeros_like(x_init) if b0 is None else jnp.broadcast_to(b0, x_init.shape)
+    out = jax.eval_shape(cost, x_init)
+    if getattr(out, "shape", None) != ():
+        raise ValueError(f"cost must return a scalar, got shape {getattr(out, 'shape', out)}")
+    if stepsize_controller is None:
+        stepsize_controller = diffrax.PIDController(rtol=1e-6, atol=1e-6)
+    ts = jnp.linspace(0.0, t1, num_saves, dtype=x_init.dtype)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_learning_vector_field),
+        solver,
+        ts[0],
+        ts[-1],
+        dt0,
+        (x_init, b_init, ctrnn.weight, ctrnn.bias),
+        args=(ctrnn, inputs, cost, jnp.asarray(tau_w, ts.dtype), jnp.asarray(tau_b, ts.dtype)),
+        saveat=diffrax.SaveAt(ts=ts),
+        stepsize_controller=stepsize_controller,
+        max_steps=max_steps,
+    )
+    xs, bs, ws, biases = sol.ys
+    costs = jax.vmap(cost)(xs)
+    trained = eqx.tree_at(lambda s: (s.weight, s.bias), ctrnn, (ws[-1], biases[-1]))
+    if added:
+        xs, bs = xs[:, 0], bs[:, 0]
+    return LearningSolution(trained, ts, costs, xs, bs, ws, sol.stats["num_steps"])

@@ -1,0 +1,281 @@
+"""CTRNN (Pineda–Almeida): the implicit gradient against the alternatives.
+
+    python -m benchmarks.ctrnn [--quick]
+
+Problem (the issue's sizes): τ dX/dt = tanh(W X + b + I) − X, n = 256 units, a batch of
+64 patterns, float32, W scaled to spectral norm 0.5, C = Σ_p |D_p − X*_p|². Each method
+returns dC/d(W, b); we time `jax.jit(jax.grad(C))` (median of interleaved repeats after a
+warm-up, `block_until_ready`) and read XLA's compiled memory (temp bytes).
+
+- `unrolled T`: back-propagation through T steps of X ← tanh(W X + b + I) (`lax.scan`).
+- `implicit (fixed point)`: `adjoint.CTRNN` with `FixedPointSolve` + `FixedPointAdjoint`
+  (optimistix iterations X ← F(W X + b + I) and B ← Wᵀ F'ᵀ B − ∂Cᵀ/∂X on the batch,
+  rtol = atol = 1e-5): the lean implicit path.
+- `implicit (diffrax Pineda)`: the defaults, `Relaxation` + `PinedaAdjoint` (Tsit5).
+- `implicit (lineax LU)`: `FixedPointSolve` + `LinearSolveAdjoint()` (one n×n LU per pattern).
+- `optimistix whole batch`: `optx.fixed_point(..., adjoint=optx.ImplicitAdjoint(...))` on
+  the (64, 256) batch; with its default linear solver the Jacobian is a (P n)² = 16384²
+  matrix, so only its compiled memory is read; timed with `lx.GMRES` instead.
+- `optimistix vmapped`: the same per pattern under `jax.vmap` (one n×n solve each): the
+  fair generic baseline.
+- `diffrax ImplicitAdjoint vmapped`: `diffeqsolve` to a steady state (`steady_state_event`)
+  with `diffrax.ImplicitAdjoint()`, per pattern under `jax.vmap`.
+
+Targets (issue 5): memory flat in T and under 5 MB; time ≤ 0.15× unrolled at T = 200;
+≥ 5× faster than the vmapped optimistix path.
+"""
+
+import argparse
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+
+import adjoint as adj
+
+from ._common import compiled_memory, interleaved_medians, md_table, metadata, write_results
+
+
+TOL = 1e-5
+
+
+def _problem(n, batch, key):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    w = jax.random.normal(k1, (n, n), jnp.float32)
+    w = w * (0.5 / jnp.linalg.norm(w, ord=2))
+    b = 0.1 * jax.random.normal(k2, (n,), jnp.float32)
+    inputs = jax.random.normal(k3, (batch, n), jnp.float32)
+    target = 0.5 * jax.random.normal(k4, (batch, n), jnp.float32)
+    return (w, b), inputs, target
+
+
+def _ctrnn_cost(forward, adjoint):
+    def cost(params, inputs, target):
+        w, b = params
+        net = adj.CTRNN(weight=w, bias=b, forward=forward, adjoint=adjoint)
+        return jnp.sum((target - net(inputs)) ** 2)
+
+    return cost
+
+
+def _unrolled_cost(steps):
+    def cost(params, inputs, target):
+        w, b = params
+        net = adj.CTRNN(weight=w, bias=b)
+        return jnp.sum((target - net.unrolled(inputs, steps)) ** 2)
+
+    return cost
+
+
+def _map(x, args):
+    w, b, inputs = args
+    return jnp.tanh(x @ w.T + b + inputs)
+
+
+def _optx_cost(linear_solver=None, vmapped=False):
+    solver = optx.FixedPointIteration(rtol=TOL, atol=TOL)
+    adjoint = (
+        optx.ImplicitAdjoint()
+        if linear_solver is None
+        else optx.ImplicitAdjoint(linear_solver=linear_solver)
+    )
+
+    def fixed_point(w, b, inputs):
+        return optx.fixed_point(
+            _map, solver, jnp.zeros_like(inputs), (w, b, inputs), adjoint=adjoint, max_steps=256
+        ).value
+
+    def cost(params, inputs, target):
+        w, b = params
+        if vmapped:
+            x = jax.vmap(fixed_point, in_axes=(None, None, 0))(w, b, inputs)
+        else:
+            x = fixed_point(w, b, inputs)
+        return jnp.sum((target - x) ** 2)
+
+    return cost
+
+
+def _diffrax_cost(params, inputs, target):
+    w, b = params
+
+    def steady(i):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, x, args: _map(x, args) - x),
+            diffrax.Tsit5(),
+            t0=jnp.float32(0),
+            t1=jnp.float32(jnp.inf),
+            dt0=None,
+            y0=jnp.zeros_like(i),
+            args=(w, b, i),
+            stepsize_controller=diffrax.PIDController(rtol=TOL, atol=TOL, dtmax=1.5),
+            event=diffrax.Event(diffrax.steady_state_event()),
+            adjoint=diffrax.ImplicitAdjoint(),
+            max_steps=4096,
+        )
+        return sol.ys[-1]
+
+    return jnp.sum((target - jax.vmap(steady)(inputs)) ** 2)
+
+
+def _rel_err(g, ref):
+    return float(max(jnp.max(jnp.abs(a - r)) / jnp.max(jnp.abs(r)) for a, r in zip(g, ref)))
+
+
+def run(quick: bool = False) -> dict:
+    n, batch = (64, 16) if quick else (256, 64)
+    horizons = (50, 200, 1000)
+    repeats = 3 if quick else 7
+    args = _problem(n, batch, jax.random.key(0))
+    fp = optx.FixedPointIteration(rtol=TOL, atol=TOL)
+    methods = {f"unrolled T={t}": _unrolled_cost(t) for t in horizons}
+    methods.update(
+        {
+            "implicit (fixed point)": _ctrnn_cost(
+                adj.FixedPointSolve(fp), adj.FixedPointAdjoint(fp)
+            ),
+            "implicit (diffrax Pineda)": _ctrnn_cost(
+                adj.Relaxation(rtol=TOL, atol=TOL), adj.PinedaAdjoint(rtol=TOL, atol=TOL)
+            ),
+            "implicit (lineax LU)": _ctrnn_cost(adj.FixedPointSolve(fp), adj.LinearSolveAdjoint()),
+            "optimistix whole batch (GMRES)": _optx_cost(lx.GMRES(rtol=TOL, atol=TOL)),
+            "optimistix vmapped": _optx_cost(vmapped=True),
+            "diffrax ImplicitAdjoint vmapped": _diffrax_cost,
+        }
+    )
+    grads = {name: jax.jit(jax.grad(cost)) for name, cost in methods.items()}
+    memory = {name: compiled_memory(g, *args) for name, g in grads.items()}
+    memory["optimistix whole batch (default solver)"] = compiled_memory(
+        jax.jit(jax.grad(_optx_cost())), *args
+    )
+    # memory of the implicit paths against the step budget T (max_steps of both solves)
+    implicit_memory_by_T = {}
+    for t in horizons:
+        lean_t = _ctrnn_cost(
+            adj.FixedPointSolve(fp, max_steps=t), adj.FixedPointAdjoint(fp, max_steps=t)
+        )
+        pineda_t = _ctrnn_cost(
+            adj.Relaxation(rtol=TOL, atol=TOL, max_steps=t),
+            adj.PinedaAdjoint(rtol=TOL, atol=TOL, max_steps=t),
+        )
+        implicit_memory_by_T[str(t)] = {
+            "fixed point": compiled_memory(jax.jit(jax.grad(lean_t)), *args)["temp_bytes"] / 2**20,
+            "diffrax Pineda": compiled_memory(jax.jit(jax.grad(pineda_t)), *args)["temp_bytes"]
+            / 2**20,
+        }
+    times = interleaved_medians(
+        {name: (lambda g=g: g(*args)) for name, g in grads.items()}, repeats
+    )
+    reference = grads["unrolled T=1000"](*args)
+    errors = {name: _rel_err(g(*args), reference) for name, g in grads.items()}
+
+    # forward/adjoint step counts of the lean path (the certificate)
+    w, b = args[0]
+    lean = adj.CTRNN(
+        weight=w, bias=b, forward=adj.FixedPointSolve(fp), adjoint=adj.FixedPointAdjoint(fp)
+    )
+    sol = lean.solve(args[1])
+    x = sol.fixed_point
+    asol = lean.solve_adjoint(x, args[1], -2 * (args[2] - x))
+    certificate = {
+        "forward_steps": int(sol.num_steps),
+        "forward_residual": float(sol.residual),
+        "adjoint_steps": int(asol.num_steps),
+        "adjoint_residual": float(asol.residual),
+        "spectral_radius_WF'": float(sol.spectral_radius),
+    }
+
+    t200 = times["unrolled T=200"]
+    rows = []
+    for name in list(methods) + ["optimistix whole batch (default solver)"]:
+        mem = memory.get(name, {})
+        t = times.get(name)
+        rows.append(
+            {
+                "method": name,
+                "median_s": t,
+                "ratio_to_unrolled_T200": None if t is None else t / t200,
+                "temp_MB": mem.get("temp_bytes", float("nan")) / 2**20,
+                "rel_err_vs_unrolled_T1000": errors.get(name),
+            }
+        )
+    lean_t = times["implicit (fixed point)"]
+    lean_mem = memory["implicit (fixed point)"]["temp_bytes"] / 2**20
+    unrolled_mem = [memory[f"unrolled T={t}"]["temp_bytes"] / 2**20 for t in horizons]
+    targets = {
+        "memory_under_5MB": lean_mem < 5,
+        "memory_flat_in_T": max(m["fixed point"] for m in implicit_memory_by_T.values())
+        <= 1.01 * min(m["fixed point"] for m in implicit_memory_by_T.values()),
+        "time_le_0.15x_unrolled_T200": lean_t / t200 <= 0.15,
+        "ratio_to_unrolled_T200": lean_t / t200,
+        "speedup_vs_optimistix_vmapped": times["optimistix vmapped"] / lean_t,
+        "ge_5x_faster_than_optimistix_vmapped": times["optimistix vmapped"] / lean_t >= 5,
+    }
+    data = {
+        "meta": metadata(),
+        "quick": quick,
+        "sizes": {"n": n, "batch": batch, "dtype": "float32", "spectral_norm": 0.5, "tol": TOL},
+        "repeats": repeats,
+        "rows": rows,
+        "unrolled_temp_MB": dict(zip(map(str, horizons), unrolled_mem)),
+        "implicit_temp_MB_by_max_steps": implicit_memory_by_T,
+        "certificate": certificate,
+        "targets": targets,
+    }
+    meta = data["meta"]
+    md = [
+        f"# CTRNN: implicit (Pineda–Almeida) gradient{' (quick)' if quick else ''}",
+        "",
+        f"{meta['date']} · {meta['device']} ({meta['cpu_count']} cores) · jax {meta['jax']} · "
+        f"n = {n}, batch = {batch}, float32, ‖W‖₂ = 0.5, tolerances {TOL:g} · "
+        f"median of {repeats} interleaved repeats of jit(grad(C)).",
+        "",
+        md_table(
+            ["method", "median (ms)", "× unrolled T=200", "XLA temp (MB)", "rel. err vs T=1000"],
+            [
+                [
+                    r["method"],
+                    "not run" if r["median_s"] is None else r["median_s"] * 1e3,
+                    "—" if r["ratio_to_unrolled_T200"] is None else r["ratio_to_unrolled_T200"],
+                    r["temp_MB"],
+                    "—"
+                    if r["rel_err_vs_unrolled_T1000"] is None
+                    else r["rel_err_vs_unrolled_T1000"],
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        "XLA temp (MB) against the step budget T (max_steps of both solves): "
+        + "; ".join(
+            f"T = {t}: unrolled {u:.3g}, implicit fixed point {m['fixed point']:.3g}, "
+            f"implicit diffrax Pineda {m['diffrax Pineda']:.3g}"
+            for (t, m), u in zip(implicit_memory_by_T.items(), unrolled_mem)
+        ),
+        "",
+        "Certificate of the lean path: "
+        + ", ".join(f"{k} = {v:.3g}" for k, v in certificate.items()),
+        "",
+        "Targets: "
+        + ", ".join(
+            f"{k} = {v:.3g}" if isinstance(v, float) else f"{k}: {'met' if v else 'MISSED'}"
+            for k, v in targets.items()
+        ),
+    ]
+    name = "ctrnn_quick" if quick else "ctrnn"
+    write_results(name, data, "\n".join(md))
+    print("\n".join(md))
+    return data
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a minute on a CPU")
+    args = parser.parse_args(argv)
+    run(quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""CTRNN: the Pineda–Almeida fixed point and its implicit (adjoint) gradient."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+import pytest
+
+import adjoint as adj
+
+from .helpers import directional_fd, random_like, tree_max_rel_error, tree_vdot
+
+
+TIGHT = dict(rtol=1e-13, atol=1e-13)
+ADJOINTS = [
+    adj.PinedaAdjoint(**TIGHT),
+    adj.FixedPointAdjoint(optx.FixedPointIteration(**TIGHT)),
+    adj.LinearSolveAdjoint(),
+    adj.LinearSolveAdjoint(lx.GMRES(**TIGHT), dense=False),
+]
+
+
+def _net(getkey, n=5, **kwargs):
+    kwargs.setdefault("forward", adj.Relaxation(**TIGHT))
+    kwargs.setdefault("adjoint", adj.LinearSolveAdjoint())
+    return adj.CTRNN(n, key=getkey(), **kwargs)
+
+
+def _cost(net, inputs, target):
+    """C = Σ_p |D_p − X*_p|² (plus a term in the inputs' gradient through X*)."""
+    return jnp.sum((target - net(inputs)) ** 2)
+
+
+def _unrolled_cost(net, inputs, target, steps=400):
+    return jnp.sum((target - net.unrolled(inputs, steps)) ** 2)
+
+
+def _grads(cost, net, inputs, target):
+    return eqx.filter_grad(lambda pair: cost(pair[0], pair[1], target))((net, inputs))
+
+
+@pytest.mark.parametrize(
+    "activation, forward",
+    [
+        ("tanh", adj.Relaxation(**TIGHT)),
+        (jax.nn.soft_sign, adj.FixedPointSolve(optx.FixedPointIteration(**TIGHT))),
+    ],
+)
+def test_fixed_point_equation(getkey, activation, forward):
+    net = _net(getkey, activation=activation, forward=forward, tau=jnp.linspace(0.5, 2.0, 5))
+    inputs = jax.random.normal(getkey(), (4, 5))
+    x = net(inputs)
+    a = x @ net.weight.T + net.bias + inputs
+    f = jnp.tanh(a) if activation == "tanh" else jax.nn.soft_sign(a)
+    assert jnp.max(jnp.abs(x - f)) < 1e-11
+    sol = net.solve(inputs)
+    assert bool(sol.converged) and float(sol.residual) < 1e-11 and int(sol.num_steps) > 0
+    assert jnp.allclose(sol.fixed_point, x, atol=1e-11)
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=lambda a: type(a).__name__)
+def test_implicit_gradient_matches_unrolled(getkey, adjoint):
+    net = _net(getkey, adjoint=adjoint)
+    inputs = jax.random.normal(getkey(), (3, 5))
+    target = 0.5 * jax.random.normal(getkey(), (3, 5))
+    g = eqx.filter_jit(_grads)(_cost, net, inputs, target)
+    g_unrolled = _grads(_unrolled_cost, net, inputs, target)
+    (gn, gi), (un, ui) = g, g_unrolled
+    for ours, ref in ((gn.weight, un.weight), (gn.bias, un.bias), (gi, ui)):
+        assert tree_max_rel_error(ours, ref) < 1e-7
+    assert float(jnp.abs(un.weight).max()) > 1e-3  # a nontrivial gradient
+    assert jnp.all(gn.tau == 0) and jnp.allclose(un.tau, 0)  # X* does not depend on τ
+
+
+def test_optimistix_forward_and_finite_differences(getkey):
+    net = _net(
+        getkey,
+        activation="sigmoid",
+        forward=adj.FixedPointSolve(optx.FixedPointIteration(**TIGHT), max_steps=512),
+        adjoint=adj.FixedPointAdjoint(optx.FixedPointIteration(**TIGHT), max_steps=512),
+    )
+    inputs = jax.random.normal(getkey(), (3, 5))
+    target = jax.random.uniform(getkey(), (3, 5))
+    params = eqx.filter(net, eqx.is_inexact_array)
+    f = jax.jit(lambda p: _cost(eqx.combine(p, net), inputs, target))
+    grads = jax.grad(f)(params)
+    direction = random_like(getkey(), params)
+    fd = directional_fd(f, params, direction, eps=1e-6)
+    assert abs(float(tree_vdot(grads, direction)) - float(fd)) < 1e-7 * max(1.0, abs(float(fd)))
+    g_unrolled = _grads(_unrolled_cost, net, inputs, target)[0]
+    assert tree_max_rel_error(grads.weight, g_unrolled.weight) < 1e-7
+
+
+def test_adjoint_solution_is_paper_costate(getkey):
+    net = _net(getkey)
+    inputs = jax.random.normal(getkey(), (3, 5))
+    target = jax.random.normal(getkey(), (3, 5))
+    x = net.solve(inputs).fixed_point
+    dc_dx = -2 * (target - x)
+    sol = net.solve_adjoint(x, inputs, dc_dx)
+    b, y, d = sol.costate, sol.y, 1 - x**2
+    # ∂Cᵀ/∂X + B − Wᵀ F'ᵀ B = 0, B(rest) = 2(D − X*) for the squared error.
+    assert jnp.max(jnp.abs(dc_dx + b - (d * b) @ net.weight)) < 1e-12
+    assert jnp.allclose(y, d * b) and bool(sol.converged) and float(sol.residual) < 1e-12
+    # dC/dW = −Σ_p Y_p X*_pᵀ, the gradient jax.grad sees.
+    assert jnp.allclose(sol.grads.weight, -y.T @ x)
+    g = _grads(_cost, net, inputs, target)
+    assert tree_max_rel_error(sol.grads.weight, g[0].weight) < 1e-10
+    assert tree_max_rel_error(sol.input_grad, g[1]) < 1e-10
+
+
+def test_spectral_radius_certificate(getkey):
+    net = _net(getkey, n=6, spectral_norm=0.9)
+    inputs = jax.random.normal(getkey(), (4, 6))
+    sol = net.solve(inputs)
+    d = 1 - sol.fixed_point**2
+    exact = max(np.max(np.abs(np.linalg.eigvals(np.asarray(dp[:, None] * net.weight)))) for dp in d)
+    assert abs(float(sol.spectral_radius) - exact) < 0.05 * exact
+    assert float(sol.spectral_radius) < 1
+
+
+def test_vmap_jit_and_float32(getkey):
+    net = _net(getkey, forward=adj.FixedPointSolve(optx.FixedPointIteration(**TIGHT)))
+    inputs = jax.random.normal(getkey(), (3, 5))
+    target = jnp.full((3, 5), 0.2)
+    assert jnp.allclose(net(inputs), jax.jit(jax.vmap(net))(inputs), atol=1e-12)
+    # vmap of the gradient over two batches, and the gradient of a vmapped call.
+    g = _grads(_cost, net, inputs, target)[0].weight
+    gv = jax.vmap(lambda i: _grads(_cost, net, i, target)[0].weight)(jnp.stack([inputs, -inputs]))
+    assert jnp.allclose(gv[0], g, atol=1e-12)
+    g_of_vmap = eqx.filter_grad(lambda n: jnp.sum((target - jax.vmap(n)(inputs)) ** 2))(net).weight
+    assert jnp.allclose(g_of_vmap, g, atol=1e-12)
+    # float32 with the default strategies (Relaxation, PinedaAdjoint).
+    net32 = adj.CTRNN(weight=net.weight.astype(jnp.float32), bias=net.bias.astype(jnp.float32))
+    assert net32.weight.dtype == jnp.float32 and net32.tau.dtype == jnp.float32
+    g32 = eqx.filter_jit(_grads)(_cost, net32, inputs.astype("f4"), target.astype("f4"))
+    assert g32[0].weight.dtype == jnp.float32 and g32[1].dtype == jnp.float32
+    assert tree_max_rel_error(g32[0].weight, g) < 1e-4
+
+
+def _limit_cycle_net(**kwargs):
+    # Origin unstable (eigenvalues 1 ± 2i of W − 1): the relaxation settles on a limit cycle.
+    w = 2.0 * jnp.array([[1.0, -1.0], [1.0, 1.0]])
+    return adj.CTRNN(weight=w, bias=jnp.zeros(2), **kwargs)
+
+
+def test_forward_non_convergence_raises():
+    inputs = jnp.array([[0.1, 0.0]])
+    for forward in (adj.Relaxation(max_steps=300), adj.FixedPointSolve(max_steps=300)):
+        net = _limit_cycle_net(forward=forward)
+        sol = net.solve(inputs, throw=False)
+        assert not bool(sol.converged) and float(sol.residual) > 1e-2
+        with pytest.raises(eqx.EquinoxRuntimeError, match="did not reach a fixed point"):
+            eqx.filter_jit(net)(inputs).block_until_ready()
+    # and through jax.grad: the forward of the custom VJP raises, no gradient is returned
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not reach a fixed point"):
+        eqx.filter_jit(jax.grad(lambda i: net(i).sum()))(inputs).block_until_ready()
+
+
+def test_too_few_steps_raises(getkey):
+    net = _net(getkey, forward=adj.Relaxation(**TIGHT, max_steps=3))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not reach a fixed point"):
+        net(jnp.ones((2, 5))).block_until_ready()
+
+
+def test_adjoint_non_convergence_raises_and_pineda_does_not():
+    # A stable spiral (eigenvalues of W F' − 1 ≈ −1 ± 2i) where W F' has spectral radius ≈ 2:
+    # the relaxation and Pineda's backward ODE converge, the plain iteration does not.
+    w = jnp.array([[0.0, 2.0], [-2.0, 0.0]])
+    inputs = jnp.array([[0.1, 0.05], [-0.05, 0.1]])
+    target = jnp.array([[0.3, -0.2], [0.1, 0.4]])
+    base = adj.CTRNN(weight=w, forward=adj.Relaxation(**TIGHT))
+    assert float(base.solve(inputs).spectral_radius) > 1.5
+    nets = {
+        name: eqx.tree_at(lambda s: s.adjoint, base, a)
+        for name, a in [
+            ("pineda", adj.PinedaAdjoint(**TIGHT)),
+            ("lineax", adj.LinearSolveAdjoint()),
+            ("iteration", adj.FixedPointAdjoint(max_steps=200)),
+        ]
+    }
+    grads = {
+        k: eqx.filter_jit(eqx.filter_grad(lambda n: _cost(n, inputs, target)))(v)
+        for k, v in list(nets.items())[:2]
+    }
+    assert tree_max_rel_error(grads["pineda"].weight, grads["lineax"].weight) < 1e-9
+    with pytest.raises(eqx.EquinoxRuntimeError, match="adjoint"):
+        eqx.filter_jit(eqx.filter_grad(lambda n: _cost(n, inputs, target)))(
+            nets["iteration"]
+        ).weight.block_until_ready()
+    x = base.solve(inputs).fixed_point
+    sol = nets["iteration"].solve_adjoint(x, inputs, -2 * (target - x), throw=False)
+    assert not bool(sol.converged)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="adjoint"):
+        nets["iteration"].solve_adjoint(x, inputs, -2 * (target - x)).costate.block_until_ready()
+    # The forward iteration itself does not converge here either.
+    fp = eqx.tree_at(lambda s: s.forward, base, adj.FixedPointSolve(max_steps=200))
+    assert not bool(fp.solve(inputs, throw=False).converged)
+
+
+def test_construction_errors(getkey):
+    with pytest.raises(ValueError, match="square"):
+        adj.CTRNN(weight=jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="bias"):
+        adj.CTRNN(weight=jnp.zeros((2, 2)), bias=jnp.zeros(3))
+    with pytest.raises(ValueError, match="tau must be positive"):
+        adj.CTRNN(weight=jnp.zeros((2, 2)), tau=jnp.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="tau must be a scalar"):
+        adj.CTRNN(weight=jnp.zeros((2, 2)), tau=jnp.ones(3))
+    with pytest.raises(ValueError, match="size"):
+        adj.CTRNN(0, key=getkey())
+    with pytest.raises(ValueError, match="key"):
+        adj.CTRNN(3)
+    with pytest.raises(TypeError, match="forward"):
+        adj.CTRNN(3, key=getkey(), forward=diffrax.Tsit5())
+    with pytest.raises(TypeError, match="adjoint"):
+        adj.CTRNN(3, key=getkey(), adjoint=lx.LU())
+    with pytest.raises(ValueError, match="activation"):
+        adj.CTRNN(3, "nope", key=getkey())
+    net = adj.CTRNN(3, key=getkey())
+    with pytest.raises(ValueError, match=r"inputs must have shape \(3,\) or \(P, 3\)"):
+        net(jnp.ones((2, 4)))
+
+
+def test_continuous_learning(getkey):
+    net = _net(getkey, n=4)
+    inputs = jax.random.normal(getkey(), (3, 4))
+    target = jax.random.uniform(getkey(), (3, 4), minval=-0.5, maxval=0.5)  # reachable by tanh
+
+    def cost(x):
+        return jnp.sum((target - x) ** 2)
+
+    # Started at X*, B*, a short run moves W by −(t1/τ_w) dC/dW (the gradient flow).
+    x = net.solve(inputs).fixed_point
+    adjoint_sol = net.solve_adjoint(x, inputs, -2 * (target - x))
+    short = adj.continuous_learning(
+        net, inputs, cost, t1=1e-3, tau_w=1.0, x0=x, b0=adjoint_sol.costate, num_saves=7
+    )
+    dw = short.ctrnn.weight - net.weight
+    assert tree_max_rel_error(dw, -1e-3 * adjoint_sol.grads.weight) < 1e-2
+    # A long run from rest lowers the cost at the fixed point of the trained network.
+    long = adj.continuous_learning(net, inputs, cost, t1=60.0, tau_w=5.0, num_saves=7)
+    before = float(cost(net(inputs)))
+    after = float(cost(long.ctrnn(inputs)))
+    assert after < 0.7 * before and long.costs[-1] < long.costs[1]
+    assert long.weights.shape == (7, 4, 4) and long.costates.shape == (7, 3, 4)
