@@ -190,8 +190,8 @@ def _per_stage_max(tree, stacked: bool, n: int) -> Array:
         return jnp.max(jnp.stack([jnp.max(jnp.abs(x), axis=1) for x in leaves]), axis=0)
     per = []
     for part in tree:
-        leaves = jtu.tree_leaves(part)
-        per.append(max((jnp.max(jnp.abs(x)) for x in leaves), default=jnp.zeros(())))
+        leaves = [jnp.max(jnp.abs(x)) for x in jtu.tree_leaves(part)]
+        per.append(jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros(()))
     return jnp.stack(per) if per else jnp.zeros((n,))
 
 

@@ -132,3 +132,19 @@ def test_check_gradients_finds_a_wrong_stage(getkey):
     assert float(report.autodiff_error[1]) > 0.05
     assert float(report.autodiff_error[0]) < 1e-12 and float(report.autodiff_error[2]) < 1e-12
     assert float(report.finite_difference_error[1]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tuple", "stacked-tanh"])
+def test_lagrangian_tools_under_jit(name, getkey):
+    system, xshape, dshape = SYSTEMS[name](getkey())
+    x0 = jax.random.normal(getkey(), xshape)
+    cost = squared_error(jax.random.normal(getkey(), dshape))
+
+    @eqx.filter_jit
+    def run(system, x0):
+        rec = aj.costates(system, x0, cost)
+        return rec, aj.kkt_residuals(system, x0, rec.states, rec.costates, cost)
+
+    rec, kkt = run(system, x0)
+    assert float(jnp.max(kkt.backward_norms)) < 1e-12
+    assert_tree_allclose(kkt.optimality.stages, rec.grads.stages, rtol=1e-10)
