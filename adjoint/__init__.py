@@ -1,6 +1,29 @@
 """adjoint: back-propagation as the costate recursion of a Lagrangian (LeCun, 1988)."""
 
+from . import datasets as datasets
 from ._check import GradientCheck as GradientCheck, check_gradients as check_gradients
+from ._checkpoint import (
+    Checkpoint as Checkpoint,
+    CheckpointError as CheckpointError,
+    latest_checkpoint as latest_checkpoint,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
+from ._ctrnn import (
+    CTRNN as CTRNN,
+    AbstractCTRNNAdjoint as AbstractCTRNNAdjoint,
+    AbstractRelaxation as AbstractRelaxation,
+    AdjointSolution as AdjointSolution,
+    CTRNNSolution as CTRNNSolution,
+    FixedPointAdjoint as FixedPointAdjoint,
+    FixedPointSolve as FixedPointSolve,
+    LearningSolution as LearningSolution,
+    LinearSolveAdjoint as LinearSolveAdjoint,
+    PinedaAdjoint as PinedaAdjoint,
+    Relaxation as Relaxation,
+    continuous_learning as continuous_learning,
+)
+from ._fit import FitResult as FitResult, NonFiniteLossError as NonFiniteLossError, fit as fit
 from ._lagrangian import (
     CostateRecord as CostateRecord,
     KKTResiduals as KKTResiduals,
@@ -15,28 +38,104 @@ from ._multistage import (
     CostateAdjoint as CostateAdjoint,
     Multistage as Multistage,
 )
+from ._pontryagin import (
+    CostateComparison as CostateComparison,
+    CostateODESolution as CostateODESolution,
+    compare_costate_gradients as compare_costate_gradients,
+    costate_ode as costate_ode,
+    diffrax_gradient as diffrax_gradient,
+    trajectory_cost as trajectory_cost,
+)
+from ._recurrent import (
+    AbstractCell as AbstractCell,
+    ElmanCell as ElmanCell,
+    RecurrentNet as RecurrentNet,
+    Residual as Residual,
+    Skip as Skip,
+    UnfoldedStep as UnfoldedStep,
+    skip_network as skip_network,
+    skip_states as skip_states,
+)
+from ._sharding import DataParallel as DataParallel
+from ._sharing import (
+    AbstractTransformedDense as AbstractTransformedDense,
+    Conv as Conv,
+    IndexMap as IndexMap,
+    SharedDense as SharedDense,
+    TieMultipliers as TieMultipliers,
+    Transformed as Transformed,
+    conv_index as conv_index,
+    count_controls as count_controls,
+    symmetric_index as symmetric_index,
+    tie_index as tie_index,
+    tie_multipliers as tie_multipliers,
+)
 from ._stage import AbstractStage as AbstractStage, Dense as Dense
-
-# -- issue 4 exports (sharing, skip connections, recurrent nets) --
-# -- issue 5 exports (CTRNN, continuous-time costates) --
-# -- issue 7 exports (fit, checkpoints, sharding) --
 
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "datasets",
     "AbstractAdjoint",
+    "AbstractCTRNNAdjoint",
+    "AbstractCell",
+    "AbstractRelaxation",
     "AbstractStage",
+    "AbstractTransformedDense",
+    "AdjointSolution",
     "AutodiffAdjoint",
+    "CTRNN",
+    "CTRNNSolution",
+    "Checkpoint",
+    "CheckpointError",
+    "Conv",
     "CostateAdjoint",
+    "CostateComparison",
+    "CostateODESolution",
     "CostateRecord",
+    "DataParallel",
     "Dense",
+    "ElmanCell",
+    "FitResult",
+    "FixedPointAdjoint",
+    "FixedPointSolve",
     "GradientCheck",
+    "IndexMap",
     "KKTResiduals",
+    "LearningSolution",
+    "LinearSolveAdjoint",
     "Multistage",
+    "NonFiniteLossError",
+    "PinedaAdjoint",
+    "RecurrentNet",
+    "Relaxation",
+    "Residual",
+    "SharedDense",
+    "Skip",
+    "TieMultipliers",
+    "Transformed",
+    "UnfoldedStep",
     "check_gradients",
+    "compare_costate_gradients",
+    "continuous_learning",
+    "conv_index",
+    "costate_ode",
     "costates",
+    "count_controls",
+    "diffrax_gradient",
+    "fit",
     "hamiltonian",
     "kkt_residuals",
     "lagrangian",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "skip_network",
+    "skip_states",
+    "symmetric_index",
+    "the",
+    "tie_index",
+    "tie_multipliers",
+    "trajectory_cost",
 ]
