@@ -134,7 +134,6 @@ __all__ = [
     "skip_network",
     "skip_states",
     "symmetric_index",
-    "the",
     "tie_index",
     "tie_multipliers",
     "trajectory_cost",
