@@ -9,10 +9,12 @@ import argparse
 import importlib
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
-from ._common import RESULTS, metadata
+from . import _common
+from ._common import metadata
 
 
 SUITES = (
@@ -39,7 +41,15 @@ def main(argv=None) -> int:
         default=None,
         help="JAX platform to run on (default: JAX's choice)",
     )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="directory for JSON, Markdown and PNG (default: benchmarks/results)",
+    )
     args = parser.parse_args(argv)
+    if args.out is not None:
+        _common.RESULTS = Path(args.out).resolve()
+    RESULTS = _common.RESULTS
     if args.device is not None:
         import jax
 
