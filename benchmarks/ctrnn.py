@@ -35,7 +35,14 @@ import optimistix as optx
 
 import adjoint as adj
 
-from ._common import compiled_memory, interleaved_medians, md_table, metadata, write_results
+from ._common import (
+    compiled_memory,
+    interleaved_medians,
+    md_table,
+    metadata,
+    save_figure,
+    write_results,
+)
 
 
 TOL = 1e-5
@@ -266,8 +273,45 @@ def run(quick: bool = False) -> dict:
     ]
     name = "ctrnn_quick" if quick else "ctrnn"
     write_results(name, data, "\n".join(md))
+    _plot(name, data)
     print("\n".join(md))
     return data
+
+
+def _plot(name: str, data: dict) -> None:
+    """Gradient time and memory against the number of relaxation steps T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unrolled = {
+        int(r["method"].split("T=")[1]): r
+        for r in data["rows"]
+        if r["method"].startswith("unrolled")
+    }
+    ts = sorted(unrolled)
+    implicit = {r["method"]: r for r in data["rows"] if r["method"].startswith("implicit")}
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax[0].loglog(
+        ts, [1e3 * unrolled[t]["median_s"] for t in ts], marker="o", label="unrolled (BPTT)"
+    )
+    for i, (method, r) in enumerate(implicit.items()):
+        if r["median_s"] is not None:
+            ax[0].axhline(1e3 * r["median_s"], ls="--", lw=1, color=f"C{i + 1}", label=method)
+    ax[1].loglog(ts, [data["unrolled_temp_MB"][str(t)] for t in ts], marker="o", label="unrolled")
+    for method in next(iter(data["implicit_temp_MB_by_max_steps"].values())):
+        ax[1].loglog(
+            ts,
+            [data["implicit_temp_MB_by_max_steps"][str(t)][method] for t in ts],
+            marker="s",
+            label=f"implicit ({method}), max steps = T",
+        )
+    ax[0].set(xlabel="relaxation steps T", ylabel="median ms", title="gradient time")
+    ax[1].set(xlabel="relaxation steps T", ylabel="XLA temp MB", title="memory")
+    for a in ax:
+        a.legend(fontsize=7)
+    save_figure(name, fig)
 
 
 def main(argv=None):

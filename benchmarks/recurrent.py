@@ -24,7 +24,14 @@ import jax.numpy as jnp
 
 import adjoint as aj
 
-from ._common import compiled_memory, interleaved_medians, md_table, metadata, write_results
+from ._common import (
+    compiled_memory,
+    interleaved_medians,
+    md_table,
+    metadata,
+    save_figure,
+    write_results,
+)
 
 
 def _plain_final(cell, h0, xs):
@@ -121,8 +128,36 @@ def run(quick: bool = False) -> dict:
             ],
         ),
     ]
-    write_results("recurrent_quick" if quick else "recurrent", data, "\n".join(md))
+    name = "recurrent_quick" if quick else "recurrent"
+    write_results(name, data, "\n".join(md))
+    _plot(name, rows)
     return data
+
+
+def _plot(name: str, rows: list[dict]) -> None:
+    """Time and memory against the sequence length T, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for variant in dict.fromkeys(
+        r["variant"].split("+")[0] + ("+ckpt" if "+" in r["variant"] else "") for r in rows
+    ):
+        rs = [
+            r
+            for r in rows
+            if (r["variant"].split("+")[0] + ("+ckpt" if "+" in r["variant"] else "")) == variant
+        ]
+        ts = [r["T"] for r in rs]
+        ax[0].loglog(ts, [1e3 * r["time_s"] for r in rs], marker="o", label=variant)
+        ax[1].loglog(ts, [(r["temp_bytes"] or 1) / 2**20 for r in rs], marker="o", label=variant)
+    ax[0].set(xlabel="sequence length T", ylabel="median ms", title="gradient time")
+    ax[1].set(xlabel="sequence length T", ylabel="XLA temp MiB", title="memory")
+    for a in ax:
+        a.legend(fontsize=7)
+    save_figure(name, fig)
 
 
 if __name__ == "__main__":
