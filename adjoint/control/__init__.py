@@ -1,0 +1,46 @@
+"""Discrete-time optimal control on the costate recursion of `adjoint`.
+
+    X(k+1) = f(X(k), u(k), k),  C = Σ_p [Σ_k ℓ(X_p(k), u(k), k) + φ(X_p(N))],
+    lower ≤ u(k) ≤ upper.
+
+`ControlProblem` is a stacked `Multistage` whose controls are u(0..N-1); `solve` runs
+`ILQR` (box-DDP), `ProjectedGradient` or `GradientDescent` (any optax optimiser) and
+returns a `Solution` with costates in the paper's sign B = −∂C/∂X and KKT / Pontryagin
+residuals.
+"""
+
+from ._base import AbstractMethod as AbstractMethod
+from ._ilqr import ILQR as ILQR, box_qp as box_qp
+from ._kkt import ControlKKT as ControlKKT, analyse as analyse
+from ._parallel import (
+    AbstractCostates as AbstractCostates,
+    ParallelCostates as ParallelCostates,
+    SequentialCostates as SequentialCostates,
+    parallel_costates as parallel_costates,
+)
+from ._problem import ControlProblem as ControlProblem, ControlStage as ControlStage
+from ._solve import (
+    GradientDescent as GradientDescent,
+    ProjectedGradient as ProjectedGradient,
+    Solution as Solution,
+    solve as solve,
+)
+
+
+__all__ = [
+    "AbstractCostates",
+    "AbstractMethod",
+    "ControlKKT",
+    "ControlProblem",
+    "ControlStage",
+    "GradientDescent",
+    "ILQR",
+    "ParallelCostates",
+    "ProjectedGradient",
+    "SequentialCostates",
+    "Solution",
+    "analyse",
+    "box_qp",
+    "parallel_costates",
+    "solve",
+]

@@ -1,0 +1,257 @@
+"""`solve`: first-order methods built on the costate gradient, and the solution record.
+
+Every method reads dC/du(k) from the costate recursion (the core's, or its parallel
+form) and stops when the projected gradient ‖u − Π(u − ∇C)‖∞ ≤ tol (1 + |C|). The loops
+are `jax.lax.while_loop`s inside one `jit`.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int, Scalar
+
+from ._base import (
+    MESSAGES,
+    RUNNING,
+    SUCCESS,
+    AbstractMethod,
+    default_tol,
+    outcome,
+    projected_gradient_norm,
+    stop_test,
+    target_of,
+)
+from ._kkt import ControlKKT, analyse
+from ._parallel import AbstractCostates, SequentialCostates
+from ._problem import ControlProblem
+
+
+def _finite(*xs) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+def _initial_status(problem, u, c, g, tol, max_steps, target):
+    pg = projected_gradient_norm(problem, u, g)
+    return outcome(_finite(c, g), stop_test(pg, c, tol), c <= target, max_steps <= 0)
+
+
+class GradientDescent(AbstractMethod):
+    """The paper's update u(k) ← u(k) − η dC/du(k) (eq. 9, descent on C), with any optax
+    optimiser in place of the fixed step, projected on the box after each step:
+
+        u ← Π_[lower, upper](u + optax_update(dC/du)).
+
+    **Arguments:** `optimizer` (default `optax.sgd(1e-2)`), `max_steps`, `tol` (None: 1e-8
+    in float64, 1e-4 in float32), `costates` (`SequentialCostates()` = the core's
+    recursion, or `ParallelCostates()`), `cost_target` (stop once C ≤ it; an array
+    changes it without recompiling).
+    """
+
+    optimizer: optax.GradientTransformation = optax.sgd(1e-2)
+    max_steps: int = 10_000
+    tol: float | None = None
+    costates: AbstractCostates = SequentialCostates()
+    cost_target: float | Array | None = None
+
+    def run(self, problem, u0, tol):
+        vg = lambda u: self.costates.value_and_grad(problem, u)
+        c0, g0 = vg(u0)
+        history = jnp.full(self.max_steps + 1, jnp.nan, u0.dtype).at[0].set(c0)
+        target = target_of(self)
+        status = _initial_status(problem, u0, c0, g0, tol, self.max_steps, target)
+        carry = (jnp.array(0), u0, c0, g0, self.optimizer.init(u0), history, status)
+
+        def body(carry):
+            i, u, c, g, opt_state, history, _ = carry
+            updates, new_state = self.optimizer.update(g, opt_state, u)
+            u_new = problem.project(optax.apply_updates(u, updates))
+            c_new, g_new = vg(u_new)
+            finite = _finite(c_new, g_new)
+            i = i + 1
+            done = stop_test(projected_gradient_norm(problem, u_new, g_new), c_new, tol)
+            status = outcome(finite, done, c_new <= target, i >= self.max_steps)
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_state = jax.tree_util.tree_map(keep, new_state, opt_state)
+            history = history.at[i].set(jnp.where(finite, c_new, c))
+            return (i, keep(u_new, u), keep(c_new, c), keep(g_new, g), new_state, history, status)
+
+        i, u, c, _, _, history, status = jax.lax.while_loop(
+            lambda carry: carry[-1] == RUNNING, body, carry
+        )
+        return u, history, i, status
+
+
+class ProjectedGradient(AbstractMethod):
+    """Spectral projected gradient for the box (Birgin–Martínez–Raydan):
+
+        u⁺ = Π(u − α dC/du),  α from Barzilai–Borwein (sᵀs / sᵀy),
+        halved until C(u⁺) ≤ C(u) + 10⁻⁴ ∇Cᵀ(u⁺ − u)  (Armijo along the projection arc).
+
+    **Arguments:** `max_steps`, `tol`, `max_backtracks`, `costates`, `cost_target` (as
+    `GradientDescent`).
+    """
+
+    max_steps: int = 5_000
+    tol: float | None = None
+    max_backtracks: int = 40
+    costates: AbstractCostates = SequentialCostates()
+    cost_target: float | Array | None = None
+
+    def run(self, problem, u0, tol):
+        vg = lambda u: self.costates.value_and_grad(problem, u)
+        c0, g0 = vg(u0)
+        history = jnp.full(self.max_steps + 1, jnp.nan, u0.dtype).at[0].set(c0)
+        target = target_of(self)
+        status = _initial_status(problem, u0, c0, g0, tol, self.max_steps, target)
+        alpha0 = 1 / jnp.maximum(jnp.max(jnp.abs(g0)), 1.0)
+        carry = (jnp.array(0), u0, c0, g0, alpha0, history, status)
+
+        def body(carry):
+            i, u, c, g, alpha, history, _ = carry
+
+            def trial(a):
+                u_t = problem.project(u - a * g)
+                c_t = problem.cost(u_t)
+                ok = jnp.isfinite(c_t) & (c_t <= c + 1e-4 * jnp.vdot(g, u_t - u))
+                return u_t, ok
+
+            def ls_body(state):
+                j, a, _, _ = state
+                a = a / 2
+                u_t, ok = trial(a)
+                return j + 1, a, u_t, ok
+
+            u_t, ok = trial(alpha)
+            j, a, u_t, ok = jax.lax.while_loop(
+                lambda s: ~s[3] & (s[0] < self.max_backtracks), ls_body, (0, alpha, u_t, ok)
+            )
+            c_new, g_new = vg(u_t)
+            ok = ok & _finite(c_new, g_new)
+            s, y = u_t - u, g_new - g
+            sty = jnp.vdot(s, y)
+            alpha_next = jnp.where(sty > 0, jnp.vdot(s, s) / jnp.where(sty > 0, sty, 1), 2 * a)
+            alpha_next = jnp.clip(alpha_next, 1e-12, 1e12)
+            i = i + 1
+            done = stop_test(projected_gradient_norm(problem, u_t, g_new), c_new, tol)
+            status = outcome(
+                _finite(c_new, g_new), done & ok, ok & (c_new <= target), i >= self.max_steps, ~ok
+            )
+            keep = lambda new, old: jnp.where(ok, new, old)
+            history = history.at[i].set(keep(c_new, c))
+            return (i, keep(u_t, u), keep(c_new, c), keep(g_new, g), alpha_next, history, status)
+
+        i, u, c, _, _, history, status = jax.lax.while_loop(
+            lambda carry: carry[-1] == RUNNING, body, carry
+        )
+        return u, history, i, status
+
+
+class Solution(eqx.Module):
+    """What `solve` returns.
+
+    - `controls`: u(0..N-1), (N, m).
+    - `states`: X(0..N), (N+1, n), or (N+1, P, n) for a batch of initial states.
+    - `costates`: B(0..N) = −∂C/∂X(k) in the paper's sign, shaped like `states`.
+    - `cost`: C at `controls`; `cost_history`: C after each iteration (entry 0 = C(u_init)),
+      padded with NaN after `iterations` (fixed length, so `solve` works under `jit`).
+    - `kkt`: a `ControlKKT` (stationarity, bound multipliers, complementarity,
+      feasibility, Lagrangian residuals, Hamiltonian, Pontryagin gap).
+    - `iterations`, `result` (0 success, 1 max steps, 2 non-finite, 3 stalled, 4 cost
+      target reached; see
+      `message`), `converged` = the method met its tolerance AND the KKT and Pontryagin
+      checks pass.
+    """
+
+    controls: Float[Array, "N m"]
+    states: Array
+    costates: Array
+    cost: Scalar
+    cost_history: Float[Array, " S"]
+    kkt: ControlKKT
+    iterations: Int[Array, ""]
+    result: Int[Array, ""]
+    converged: Bool[Array, ""]
+
+    @property
+    def message(self) -> str:
+        text = MESSAGES.get(int(self.result), "unknown outcome")
+        if int(self.result) == SUCCESS and not bool(self.converged):
+            text += "; but the KKT / Pontryagin check failed: " + self.kkt.summary()
+        return text
+
+    @property
+    def history(self) -> Array:
+        """The cost history without the NaN padding (outside `jit` only)."""
+        return self.cost_history[: int(self.iterations) + 1]
+
+
+@eqx.filter_jit
+def _run(problem: ControlProblem, u0: Array, method: AbstractMethod, tol: float):
+    outside = (u0 < problem.lower) | (u0 > problem.upper)
+    u0 = eqx.error_if(u0, outside.any(), "u_init lies outside the bounds [lower, upper]")
+    return method.run(problem, u0, tol)
+
+
+@eqx.filter_jit
+def _finish(problem, u, history, iterations, result, tol, pontryagin) -> Solution:
+    cost, states, costates, kkt = analyse(problem, u, tol)
+    if not problem.batched:
+        states, costates = states[:, 0], costates[:, 0]
+    checks = kkt.ok if pontryagin else kkt.kkt_ok
+    converged = (result == SUCCESS) & checks & jnp.isfinite(cost)
+    return Solution(u, states, costates, cost, history, kkt, iterations, result, converged)
+
+
+def _solve(problem, u0, method, tol, pontryagin) -> Solution:
+    # two compiled pieces: the method's loop, and the analysis (shared by all methods)
+    u, history, iterations, result = _run(problem, u0, method, tol)
+    return _finish(problem, u, history, iterations, result, tol, pontryagin)
+
+
+def solve(
+    problem: ControlProblem,
+    u_init: Float[Array, "N m"],
+    method: AbstractMethod | None = None,
+    *,
+    pontryagin: bool = True,
+) -> Solution:
+    """Solve min_u C(u) s.t. the dynamics and lower ≤ u ≤ upper, starting from `u_init`.
+
+    **Arguments:**
+
+    - `problem`: a `ControlProblem`.
+    - `u_init`: a feasible initial control sequence of shape (N, m).
+    - `method`: `ILQR()` (default), `ProjectedGradient()` or `GradientDescent(optax...)`.
+    - `pontryagin`: whether `converged` also requires the minimum-principle check (a
+      necessary condition in discrete time only where H(k) is concave in u in the
+      paper's sign; pass False for problems where it is not). It is computed either way.
+
+    **Returns:** a `Solution` whose costates (paper's sign) come from the core's
+    recursion at the final controls and whose `kkt` is checked independently with
+    `jax.grad` of the core Lagrangian. Runs under `jit`; raises ValueError for a
+    `u_init` of the wrong shape or outside the bounds.
+    """
+    if not isinstance(problem, ControlProblem):
+        raise TypeError(f"problem must be a ControlProblem, got {type(problem).__name__}")
+    if method is None:
+        from ._ilqr import ILQR
+
+        method = ILQR()
+    if not isinstance(method, AbstractMethod):
+        raise TypeError(
+            f"method must be ILQR(), ProjectedGradient() or GradientDescent(...), got "
+            f"{type(method).__name__}"
+        )
+    u0 = problem.check_controls(u_init)
+    if not isinstance(u0, jax.core.Tracer):
+        outside = (u0 < problem.lower) | (u0 > problem.upper)
+        if bool(outside.any()):
+            k, i = (int(v[0]) for v in jnp.nonzero(outside))
+            raise ValueError(
+                f"u_init lies outside the bounds at u({k})[{i}] = {float(u0[k, i])}, bounds "
+                f"[{float(problem.lower[k, i])}, {float(problem.upper[k, i])}]; "
+                "project it with problem.project(u_init)"
+            )
+    tol = method.tol if method.tol is not None else default_tol(problem.dtype)
+    return _solve(problem, u0, method, float(tol), bool(pontryagin))

@@ -1,0 +1,295 @@
+"""Classic discrete-time optimal-control problems, each with its known answer.
+
+Every constructor returns an `adjoint.control.ControlProblem`; `make(name)` builds one
+by name (the `adjoint control NAME` command uses it). Known answers:
+
+- `lqr`: linear dynamics, quadratic cost; the optimum is the Riccati feedback
+  u(k) = −K(k) X(k) and the costates are B(k) = −2 P(k) X(k) (`riccati`).
+- `pendulum`, `cartpole`: swing-up from hanging down (θ = 0) to upright (θ = π) with a
+  torque / force limit; the answer is qualitative (the final state is upright).
+- `double_integrator`: p'' = u with |u| ≤ 1 and a terminal cost only; H is linear in u,
+  so the optimum is bang-bang: u(k) = −sign σ(k) with the switching function
+  σ(k) = −B(k+1)ᵀ ∂f/∂u, affine in k, hence at most one switch (`switching_function`).
+- `zermelo`: a boat of speed V in the shear current (s·y, 0), heading θ(k), maximising
+  the downstream distance x(N); Zermelo's navigation law gives
+  tan θ(k) = (N − 1 − k) s Δt exactly in discrete time (`zermelo_heading`).
+"""
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from .control import ControlProblem
+
+
+def _dtype(dtype):
+    return jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)
+
+
+# --------------------------------------------------------------------------- LQR
+
+
+def lqr(
+    A=((1.0, 0.1), (0.0, 1.0)),
+    B=((0.0,), (0.1,)),
+    Q=((1.0, 0.0), (0.0, 1.0)),
+    R=((0.5,),),
+    P=((3.0, 0.0), (0.0, 3.0)),
+    x0=(1.0, -0.5),
+    horizon: int = 50,
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """X(k+1) = A X(k) + B u(k),  C = Σ_k X(k)ᵀQX(k) + u(k)ᵀRu(k) + X(N)ᵀ P X(N).
+
+    `x0` may be one state or a batch (P, n); defaults: a discretised double integrator.
+    """
+    dtype = _dtype(dtype)
+    A, B, Q, R, P = (np.asarray(M, dtype) for M in (A, B, Q, R, P))
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or B.ndim != 2 or B.shape[0] != A.shape[0]:
+        raise ValueError(f"lqr: A must be (n, n) and B (n, m); got {A.shape} and {B.shape}")
+    m = B.shape[1]
+    return ControlProblem(
+        lambda x, u, k: A @ x + B @ u,
+        lambda x, u, k: x @ Q @ x + u @ R @ u,
+        lambda x: x @ P @ x,
+        jnp.asarray(x0, dtype),
+        horizon,
+        control_size=m,
+    )
+
+
+def riccati(A, B, Q, R, P, horizon: int):
+    """The discrete Riccati recursion (NumPy, float64), for the cost of `lqr`:
+
+        P(N) = P,  K(k) = (R + BᵀP(k+1)B)⁻¹ BᵀP(k+1)A,  P(k) = Q + AᵀP(k+1)(A − B K(k)).
+
+    **Returns:** `(P(0..N), K(0..N-1))`; the optimum is u(k) = −K(k)X(k) and the
+    paper's costate is B(k) = −2 P(k) X(k).
+    """
+    A, B, Q, R, P = (np.asarray(M, np.float64) for M in (A, B, Q, R, P))
+    Ps = [None] * (horizon + 1)
+    Ks = [None] * horizon
+    Ps[horizon] = P
+    for k in range(horizon - 1, -1, -1):
+        Pn = Ps[k + 1]
+        Ks[k] = np.linalg.solve(R + B.T @ Pn @ B, B.T @ Pn @ A)
+        Ps[k] = Q + A.T @ Pn @ (A - B @ Ks[k])
+    return np.stack(Ps), np.stack(Ks)
+
+
+# --------------------------------------------------------------------------- swing-ups
+
+
+def pendulum(
+    horizon: int = 100,
+    duration: float = 5.0,
+    u_max: float | None = 5.0,
+    x0=(0.0, 0.0),
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """Pendulum swing-up, θ = 0 hanging down, θ = π upright (m = l = 1, g = 9.81,
+    damping 0.1), symplectic Euler with Δt = duration / N:
+
+        ω(k+1) = ω + Δt (−g sin θ − 0.1 ω + u),   θ(k+1) = θ + Δt ω(k+1)
+        ℓ = Δt (0.1 (θ − π)² + 0.01 ω² + 0.05 u²),   φ = 50 (θ − π)² + 5 ω²
+
+    With |u| ≤ 5 < m g l the pendulum must pump energy: the optimum swings back and
+    forth before reaching the top.
+    """
+    dtype = _dtype(dtype)
+    g, b = 9.81, 0.1
+    dt = duration / horizon
+
+    def dynamics(x, u, k):
+        theta, omega = x[0], x[1]
+        omega = omega + dt * (-g * jnp.sin(theta) - b * omega + u[0])
+        return jnp.stack([theta + dt * omega, omega])
+
+    def running_cost(x, u, k):
+        return dt * (0.1 * (x[0] - jnp.pi) ** 2 + 0.01 * x[1] ** 2 + 0.05 * u[0] ** 2)
+
+    def terminal_cost(x):
+        return 50.0 * (x[0] - jnp.pi) ** 2 + 5.0 * x[1] ** 2
+
+    bound = None if u_max is None else float(u_max)
+    return ControlProblem(
+        dynamics,
+        running_cost,
+        terminal_cost,
+        jnp.asarray(x0, dtype),
+        horizon,
+        None if bound is None else -bound,
+        bound,
+        control_size=1,
+    )
+
+
+def cartpole(
+    horizon: int = 100,
+    duration: float = 3.0,
+    u_max: float | None = 10.0,
+    x0=(0.0, 0.0, 0.0, 0.0),
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """Cart-pole swing-up (Tedrake's equations, θ = 0 hanging down; cart 1 kg, pole
+    0.3 kg, length 0.5 m), state (p, θ, ṗ, θ̇), semi-implicit Euler, Δt = duration / N:
+
+        p̈ = [u + m_p sin θ (l θ̇² + g cos θ)] / (m_c + m_p sin² θ)
+        θ̈ = [−u cos θ − m_p l θ̇² cos θ sin θ − (m_c + m_p) g sin θ] / (l (m_c + m_p sin² θ))
+        ℓ = 0.01 Δt u²,   φ = 50 (p² + (θ − π)²) + 5 (ṗ² + θ̇²),   |u| ≤ 10
+    """
+    dtype = _dtype(dtype)
+    mc, mp, ell_, g = 1.0, 0.3, 0.5, 9.81
+    dt = duration / horizon
+
+    def dynamics(x, u, k):
+        p, th, pd, thd = x[0], x[1], x[2], x[3]
+        f = u[0]
+        s, c = jnp.sin(th), jnp.cos(th)
+        den = mc + mp * s**2
+        pdd = (f + mp * s * (ell_ * thd**2 + g * c)) / den
+        thdd = (-f * c - mp * ell_ * thd**2 * c * s - (mc + mp) * g * s) / (ell_ * den)
+        pd, thd = pd + dt * pdd, thd + dt * thdd
+        return jnp.stack([p + dt * pd, th + dt * thd, pd, thd])
+
+    def running_cost(x, u, k):
+        return 0.01 * dt * u[0] ** 2
+
+    def terminal_cost(x):
+        return 50.0 * (x[0] ** 2 + (x[1] - jnp.pi) ** 2) + 5.0 * (x[2] ** 2 + x[3] ** 2)
+
+    bound = None if u_max is None else float(u_max)
+    return ControlProblem(
+        dynamics,
+        running_cost,
+        terminal_cost,
+        jnp.asarray(x0, dtype),
+        horizon,
+        None if bound is None else -bound,
+        bound,
+        control_size=1,
+    )
+
+
+# --------------------------------------------------------------------------- bang-bang
+
+
+def double_integrator(
+    horizon: int = 30, dt: float = 0.1, x0=(3.0, 0.0), *, dtype=None
+) -> ControlProblem:
+    """p'' = u, |u| ≤ 1, exact zero-order-hold discretisation
+
+        p(k+1) = p + Δt v + ½Δt² u,   v(k+1) = v + Δt u,   C = p(N)² + v(N)²
+
+    (no running cost). From (3, 0) the origin needs 2√3 ≈ 3.46 s; with N Δt = 3 s it is
+    out of reach, and the optimum is bang-bang with at most one switch.
+    """
+    dtype = _dtype(dtype)
+
+    def dynamics(x, u, k):
+        return jnp.stack([x[0] + dt * x[1] + 0.5 * dt**2 * u[0], x[1] + dt * u[0]])
+
+    return ControlProblem(
+        dynamics,
+        lambda x, u, k: jnp.zeros((), x.dtype),
+        lambda x: x[0] ** 2 + x[1] ** 2,
+        jnp.asarray(x0, dtype),
+        horizon,
+        -1.0,
+        1.0,
+        control_size=1,
+    )
+
+
+def switching_function(problem: ControlProblem, states, costates):
+    """σ(k) = Σ_p −B_p(k+1)ᵀ ∂f/∂u(X_p(k), u, k) for a control-affine problem without
+    running cost in u: H(k) = −σ(k) u + …, so the minimum principle gives
+    u(k) = lower where σ(k) > 0 and upper where σ(k) < 0. Shape (N, m)."""
+    import jax
+
+    s = jnp.asarray(states)
+    b = jnp.asarray(costates)
+    if not problem.batched:
+        s, b = s[:, None], b[:, None]
+    u0 = jnp.zeros((problem.control_size,), problem.dtype)
+    ks = jnp.arange(problem.horizon)
+
+    def sigma(x, bn, k):
+        fu = jax.jacfwd(problem.f, argnums=1)(x, u0, k)
+        return -bn @ fu
+
+    per_k = jax.vmap(jax.vmap(sigma, (0, 0, None)), (0, 0, 0))(s[:-1], b[1:], ks)
+    return jnp.sum(per_k, axis=1)
+
+
+# --------------------------------------------------------------------------- Zermelo
+
+
+def zermelo(
+    horizon: int = 50,
+    dt: float = 0.05,
+    speed: float = 1.0,
+    shear: float = 1.0,
+    x0=(0.0, 0.0),
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """Zermelo's navigation problem: a boat of speed V with heading θ(k) in the current
+    (s·y, 0), maximising the downstream distance:
+
+        x(k+1) = x + Δt (V cos θ + s y),   y(k+1) = y + Δt V sin θ,   C = −x(N).
+
+    Bounds −π/2 ≤ θ ≤ π/2. Known answer (`zermelo_heading`): tan θ(k) = (N − 1 − k) s Δt.
+    """
+    dtype = _dtype(dtype)
+
+    def dynamics(x, u, k):
+        th = u[0]
+        return jnp.stack(
+            [x[0] + dt * (speed * jnp.cos(th) + shear * x[1]), x[1] + dt * speed * jnp.sin(th)]
+        )
+
+    return ControlProblem(
+        dynamics,
+        lambda x, u, k: jnp.zeros((), x.dtype),
+        lambda x: -x[0],
+        jnp.asarray(x0, dtype),
+        horizon,
+        -np.pi / 2,
+        np.pi / 2,
+        control_size=1,
+    )
+
+
+def zermelo_heading(horizon: int = 50, dt: float = 0.05, shear: float = 1.0) -> np.ndarray:
+    """The optimal headings θ(k) = arctan((N − 1 − k) s Δt) of `zermelo` (Zermelo's law:
+    λ_x = −1 is constant, λ_y(k) = λ_y(k+1) − s Δt, and θ(k) points along −λ(k+1))."""
+    k = np.arange(horizon)
+    return np.arctan((horizon - 1 - k) * shear * dt)
+
+
+# --------------------------------------------------------------------------- registry
+
+PROBLEMS: dict[str, Callable[..., ControlProblem]] = {
+    "lqr": lqr,
+    "pendulum": pendulum,
+    "cartpole": cartpole,
+    "double_integrator": double_integrator,
+    "zermelo": zermelo,
+}
+
+
+def make(name: str, horizon: int | None = None, *, dtype=None) -> ControlProblem:
+    """Build a classic problem by name (one of `PROBLEMS`), optionally with another
+    horizon N."""
+    key = name.replace("-", "_").lower()
+    if key not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; choose one of {sorted(PROBLEMS)}")
+    kwargs = {"dtype": dtype}
+    if horizon is not None:
+        kwargs["horizon"] = horizon
+    return PROBLEMS[key](**kwargs)
