@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         "",
     ]
     suffix = "_quick" if args.quick else ""
-    for name in done:
+    # every suite with results on disk (each table carries its own date and device)
+    for name in SUITES:
         md = RESULTS / f"{name}{suffix}.md"
         if not md.exists():
             md = RESULTS / f"{name}.md"
