@@ -29,6 +29,29 @@ SUITES = (
 )
 
 
+def write_summary(quick: bool) -> None:
+    """Collect the Markdown of every suite with results on disk into `summary[_quick].md`
+    (each table carries its own date, device and sizes)."""
+    RESULTS = _common.RESULTS
+    meta = metadata()
+    parts = [
+        "# Benchmark summary",
+        "",
+        f"{meta['date']}; {meta['device']} ({meta['cpu_count']} cores); python {meta['python']}; "
+        f"jax {meta['jax']}; equinox {meta['equinox']}; mode: {'quick' if quick else 'full'}",
+        "",
+    ]
+    suffix = "_quick" if quick else ""
+    for name in SUITES:
+        md = RESULTS / f"{name}{suffix}.md"
+        if not md.exists():
+            md = RESULTS / f"{name}.md"
+        if md.exists():
+            parts += [md.read_text(), ""]
+    (RESULTS / f"summary{suffix}.md").write_text("\n".join(parts))
+    print(f"wrote {RESULTS / f'summary{suffix}.md'}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.splitlines()[0]
@@ -49,7 +72,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.out is not None:
         _common.RESULTS = Path(args.out).resolve()
-    RESULTS = _common.RESULTS
     if args.device is not None:
         import jax
 
@@ -68,24 +90,7 @@ def main(argv=None) -> int:
         module.run(quick=args.quick)
         print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", flush=True)
         done.append(name)
-    meta = metadata()
-    parts = [
-        "# Benchmark summary",
-        "",
-        f"{meta['date']}; {meta['device']} ({meta['cpu_count']} cores); python {meta['python']}; "
-        f"jax {meta['jax']}; equinox {meta['equinox']}; mode: {'quick' if args.quick else 'full'}",
-        "",
-    ]
-    suffix = "_quick" if args.quick else ""
-    # every suite with results on disk (each table carries its own date and device)
-    for name in SUITES:
-        md = RESULTS / f"{name}{suffix}.md"
-        if not md.exists():
-            md = RESULTS / f"{name}.md"
-        if md.exists():
-            parts += [md.read_text(), ""]
-    (RESULTS / f"summary{suffix}.md").write_text("\n".join(parts))
-    print(f"wrote {RESULTS / f'summary{suffix}.md'}")
+    write_summary(args.quick)
     return 1 if failed and not done else 0
 
 
