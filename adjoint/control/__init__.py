@@ -10,13 +10,18 @@ residuals.
 """
 
 from ._base import AbstractMethod as AbstractMethod
-from ._ilqr import ILQR as ILQR, box_qp as box_qp
+from ._ilqr import ILQR as ILQR, SequentialRiccati as SequentialRiccati, box_qp as box_qp
 from ._kkt import ControlKKT as ControlKKT, analyse as analyse
 from ._parallel import (
     AbstractCostates as AbstractCostates,
     ParallelCostates as ParallelCostates,
     SequentialCostates as SequentialCostates,
     parallel_costates as parallel_costates,
+)
+from ._parallel_riccati import (
+    AbstractRiccati as AbstractRiccati,
+    ParallelRiccati as ParallelRiccati,
+    parallel_riccati as parallel_riccati,
 )
 from ._problem import ControlProblem as ControlProblem, ControlStage as ControlStage
 from ._solve import (
@@ -30,17 +35,21 @@ from ._solve import (
 __all__ = [
     "AbstractCostates",
     "AbstractMethod",
+    "AbstractRiccati",
     "ControlKKT",
     "ControlProblem",
     "ControlStage",
     "GradientDescent",
     "ILQR",
     "ParallelCostates",
+    "ParallelRiccati",
     "ProjectedGradient",
     "SequentialCostates",
+    "SequentialRiccati",
     "Solution",
     "analyse",
     "box_qp",
     "parallel_costates",
+    "parallel_riccati",
     "solve",
 ]

@@ -18,10 +18,16 @@ decreases C (Tassa, Mansard & Todorov 2014, "Control-limited DDP").
 
 A batch of P initial states sharing one control sequence is one system with the
 stacked state (X_1, …, X_P) (f_X block diagonal), so the feedback K reads all of them.
+
+The backward pass is a strategy: `SequentialRiccati()` (the recursion above, a
+`lax.scan`) or, for unconstrained Gauss–Newton iLQR, `ParallelRiccati()` (the same
+V_X, V_XX, K, δu by an associative scan in O(log N) depth; see `_parallel_riccati`).
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._base import (
     RUNNING,
@@ -32,6 +38,14 @@ from ._base import (
     target_of,
 )
 from ._parallel import AbstractCostates, SequentialCostates
+from ._parallel_riccati import AbstractRiccati, ParallelRiccati
+
+
+_BOUNDED_PARALLEL = (
+    "ILQR(backward=ParallelRiccati()) needs an unconstrained problem (lower = -inf, "
+    "upper = +inf): the parallel LQ backward pass has no box QP; use SequentialRiccati() "
+    "for problems with bounds"
+)
 
 
 def box_qp(h, g, lo, hi, iterations: int = 12):
@@ -84,6 +98,51 @@ def box_qp(h, g, lo, hi, iterations: int = 12):
     return x, ~clamped(x)
 
 
+class SequentialRiccati(AbstractRiccati):
+    """The backward pass of the module docstring as a `jax.lax.scan` over k = N−1..0: N
+    sequential steps, each with the box QP (so it handles bounds) and, for DDP, the
+    V_X'·f second-derivative terms. The default."""
+
+    def __call__(self, method, F, lin, Xs, u, ks, lower, upper, mu, VxN, VxxN):
+        m = u.shape[-1]
+        eye = jnp.eye(m, dtype=u.dtype)
+
+        def step(carry, inp):
+            Vx, Vxx, ok = carry
+            (fx, fu, lx, lu, lxx, luu, lux), X, uk, k, lo, hi = inp
+            Qx = lx + fx.T @ Vx
+            Qu = lu + fu.T @ Vx
+            Qxx = lxx + fx.T @ Vxx @ fx
+            Quu = luu + fu.T @ Vxx @ fu
+            Qux = lux + fu.T @ Vxx @ fx
+            if method.second_order:
+                (hxx, hxu), (hux, huu) = jax.hessian(
+                    lambda X_, u_: Vx @ F(X_, u_, k), argnums=(0, 1)
+                )(X, uk)
+                Qxx, Quu, Qux = Qxx + hxx, Quu + huu, Qux + hux
+            Quu = 0.5 * (Quu + Quu.T)
+            Quu_r = Quu + mu * eye
+            chol = jnp.linalg.cholesky(Quu_r)
+            pd = jnp.all(jnp.isfinite(chol))
+            Quu_safe = jnp.where(pd, Quu_r, eye)
+            du, free = box_qp(Quu_safe, Qu, lo - uk, hi - uk, method.qp_iterations)
+            hf = jnp.where(free[:, None] & free[None, :], Quu_safe, eye)
+            K = -jnp.linalg.solve(hf, jnp.where(free[:, None], Qux, 0))
+            Vx_new = Qx + K.T @ Quu @ du + K.T @ Qu + Qux.T @ du
+            Vxx_new = Qxx + K.T @ Quu @ K + K.T @ Qux + Qux.T @ K
+            Vxx_new = 0.5 * (Vxx_new + Vxx_new.T)
+            dV = jnp.stack([du @ Qu, 0.5 * du @ Quu @ du])
+            return (Vx_new, Vxx_new, ok & pd), (du, K, dV, Vx_new, Vxx_new)
+
+        inputs = (lin, Xs[:-1], u, ks, lower, upper)
+        (_, _, ok), (du, K, dV, Vx, Vxx) = jax.lax.scan(
+            step, (VxN, VxxN, jnp.array(True)), inputs, reverse=True
+        )
+        Vx = jnp.concatenate([Vx, VxN[None]])
+        Vxx = jnp.concatenate([Vxx, VxxN[None]])
+        return du, K, jnp.sum(dV, axis=0), ok, Vx, Vxx
+
+
 class ILQR(AbstractMethod):
     """iLQR (Gauss–Newton) or DDP (`second_order=True`) with box-constrained controls.
 
@@ -99,6 +158,11 @@ class ILQR(AbstractMethod):
     - `qp_iterations`: projected-Newton iterations of the box QP at each stage.
     - `costates`: how the stopping test's gradient is computed.
     - `cost_target`: stop once C ≤ it (an array changes it without recompiling).
+    - `backward`: the backward pass: `SequentialRiccati()` (default; a `lax.scan`, handles
+      bounds and DDP) or `ParallelRiccati()` (an associative scan in O(log N) depth, for
+      unconstrained Gauss–Newton iLQR only: a problem with a finite bound raises a
+      ValueError (an `EquinoxRuntimeError` inside `solve`'s `jit`), and
+      `second_order=True` raises a ValueError here).
     """
 
     max_steps: int = 200
@@ -112,10 +176,38 @@ class ILQR(AbstractMethod):
     qp_iterations: int = 12
     costates: AbstractCostates = SequentialCostates()
     cost_target: float | jax.Array | None = None
+    backward: AbstractRiccati = SequentialRiccati()
+
+    def __check_init__(self):
+        if not isinstance(self.backward, AbstractRiccati):
+            raise TypeError(
+                "ILQR: backward must be SequentialRiccati() or ParallelRiccati(), got "
+                f"{type(self.backward).__name__}"
+            )
+        if self.second_order and isinstance(self.backward, ParallelRiccati):
+            raise ValueError(
+                "ILQR: backward=ParallelRiccati() supports Gauss–Newton iLQR only "
+                "(second_order=False): the DDP terms V_X·f_XX are not an LQ element"
+            )
+
+    def check_problem(self, problem) -> None:
+        """Raise a ValueError if `problem` has a finite bound and the backward pass is
+        `ParallelRiccati()` (the parallel LQ form has no box QP). Inside `jit`, where the
+        bounds are traced, the same check runs as `eqx.error_if` in `run`."""
+        if not isinstance(self.backward, ParallelRiccati):
+            return
+        lo, hi = problem.lower, problem.upper
+        if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
+            return
+        if bool(np.isfinite(np.asarray(lo)).any() or np.isfinite(np.asarray(hi)).any()):
+            raise ValueError(_BOUNDED_PARALLEL)
 
     def run(self, problem, u0, tol):
+        self.check_problem(problem)
+        if isinstance(self.backward, ParallelRiccati):
+            finite = jnp.isfinite(problem.lower).any() | jnp.isfinite(problem.upper).any()
+            u0 = eqx.error_if(u0, finite, _BOUNDED_PARALLEL)
         P, n = problem.x0.shape
-        m = problem.control_size
         N = problem.horizon
         dtype = u0.dtype
         ks = jnp.arange(N, dtype=jnp.int32)
@@ -148,40 +240,9 @@ class ILQR(AbstractMethod):
             lin = jax.vmap(linearise)(Xs[:-1], u, ks)
             VxN = jax.grad(Phi)(Xs[-1])
             VxxN = jax.hessian(Phi)(Xs[-1])
-            eye = jnp.eye(m, dtype=dtype)
-
-            def step(carry, inp):
-                Vx, Vxx, ok = carry
-                (fx, fu, lx, lu, lxx, luu, lux), X, uk, k, lo, hi = inp
-                Qx = lx + fx.T @ Vx
-                Qu = lu + fu.T @ Vx
-                Qxx = lxx + fx.T @ Vxx @ fx
-                Quu = luu + fu.T @ Vxx @ fu
-                Qux = lux + fu.T @ Vxx @ fx
-                if self.second_order:
-                    (hxx, hxu), (hux, huu) = jax.hessian(
-                        lambda X_, u_: Vx @ F(X_, u_, k), argnums=(0, 1)
-                    )(X, uk)
-                    Qxx, Quu, Qux = Qxx + hxx, Quu + huu, Qux + hux
-                Quu = 0.5 * (Quu + Quu.T)
-                Quu_r = Quu + mu * eye
-                chol = jnp.linalg.cholesky(Quu_r)
-                pd = jnp.all(jnp.isfinite(chol))
-                Quu_safe = jnp.where(pd, Quu_r, eye)
-                du, free = box_qp(Quu_safe, Qu, lo - uk, hi - uk, self.qp_iterations)
-                hf = jnp.where(free[:, None] & free[None, :], Quu_safe, eye)
-                K = -jnp.linalg.solve(hf, jnp.where(free[:, None], Qux, 0))
-                Vx_new = Qx + K.T @ Quu @ du + K.T @ Qu + Qux.T @ du
-                Vxx_new = Qxx + K.T @ Quu @ K + K.T @ Qux + Qux.T @ K
-                Vxx_new = 0.5 * (Vxx_new + Vxx_new.T)
-                dV = jnp.stack([du @ Qu, 0.5 * du @ Quu @ du])
-                return (Vx_new, Vxx_new, ok & pd), (du, K, dV)
-
-            inputs = (lin, Xs[:-1], u, ks, problem.lower, problem.upper)
-            (_, _, ok), (du, K, dV) = jax.lax.scan(
-                step, (VxN, VxxN, jnp.array(True)), inputs, reverse=True
-            )
-            return du, K, jnp.sum(dV, axis=0), ok
+            bounds = (problem.lower, problem.upper)
+            du, K, dV, ok, _, _ = self.backward(self, F, lin, Xs, u, ks, *bounds, mu, VxN, VxxN)
+            return du, K, dV, ok
 
         def forward(Xs, u, du, K, alpha):
             def step(Xh, inp):

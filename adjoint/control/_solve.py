@@ -243,6 +243,9 @@ def solve(
             f"method must be ILQR(), ProjectedGradient() or GradientDescent(...), got "
             f"{type(method).__name__}"
         )
+    check = getattr(method, "check_problem", None)
+    if check is not None:  # e.g. ILQR(backward=ParallelRiccati()) needs a problem without bounds
+        check(problem)
     u0 = problem.check_controls(u_init)
     if not isinstance(u0, jax.core.Tracer):
         outside = (u0 < problem.lower) | (u0 > problem.upper)
