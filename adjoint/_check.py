@@ -101,20 +101,18 @@ def check_gradients(
     if epsilon is None:
         epsilon = float(jnp.finfo(dtype).eps) ** (1 / 3)
 
-    def total(p, x):
-        s = eqx.combine(p, static)
-        c = cost(s.trajectory(x))
-        return c if control_cost is None else c + control_cost(s)
+    def total_with(static_part):
+        def total(p, x):
+            s = eqx.combine(p, static_part)
+            c = cost(s.trajectory(x))
+            return c if control_cost is None else c + control_cost(s)
 
+        return total
+
+    total = total_with(static)
     reference = eqx.tree_at(lambda s: s.adjoint, system, AutodiffAdjoint())
     ref_params, ref_static = eqx.partition(reference, eqx.is_inexact_array)
-
-    def ref_total(p, x):
-        s = eqx.combine(p, ref_static)
-        c = cost(s.trajectory(x))
-        return c if control_cost is None else c + control_cost(s)
-
-    ref_grads, ref_x = jax.grad(ref_total, argnums=(0, 1))(ref_params, x0)
+    ref_grads, ref_x = jax.grad(total_with(ref_static), argnums=(0, 1))(ref_params, x0)
     value = total(params, x0)
     n = system.n_stages
     leaves = jtu.tree_leaves(params)

@@ -35,13 +35,10 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._lagrangian import _is_none, _tree_add
 from ._multistage import AbstractAdjoint, AutodiffAdjoint, CostateAdjoint, Multistage
 from ._sharing import _default_dtype, _output_costate
 from ._stage import AbstractStage, _activation_name, apply_activation
-
-
-def _is_none(x):
-    return x is None
 
 
 def _inexact(tree):
@@ -370,10 +367,6 @@ class ElmanCell(AbstractCell):
 # --------------------------------------------------------------------------------------
 # Back-propagation through time: the recursion with shared controls
 # --------------------------------------------------------------------------------------
-
-
-def _tree_add(a, b):
-    return jtu.tree_map(lambda x, y: x if y is None else x + y, a, b, is_leaf=_is_none)
 
 
 def _run_states(cell, h0, inputs):

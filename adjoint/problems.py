@@ -82,6 +82,21 @@ def riccati(A, B, Q, R, P, horizon: int):
 # --------------------------------------------------------------------------- swing-ups
 
 
+def _symmetric_box(dynamics, running_cost, terminal_cost, x0, horizon, u_max, dtype):
+    """A one-control problem with |u| ≤ u_max (no bound when u_max is None)."""
+    bound = None if u_max is None else float(u_max)
+    return ControlProblem(
+        dynamics,
+        running_cost,
+        terminal_cost,
+        jnp.asarray(x0, dtype),
+        horizon,
+        None if bound is None else -bound,
+        bound,
+        control_size=1,
+    )
+
+
 def pendulum(
     horizon: int = 100,
     duration: float = 5.0,
@@ -114,17 +129,7 @@ def pendulum(
     def terminal_cost(x):
         return 50.0 * (x[0] - jnp.pi) ** 2 + 5.0 * x[1] ** 2
 
-    bound = None if u_max is None else float(u_max)
-    return ControlProblem(
-        dynamics,
-        running_cost,
-        terminal_cost,
-        jnp.asarray(x0, dtype),
-        horizon,
-        None if bound is None else -bound,
-        bound,
-        control_size=1,
-    )
+    return _symmetric_box(dynamics, running_cost, terminal_cost, x0, horizon, u_max, dtype)
 
 
 def cartpole(
@@ -162,17 +167,7 @@ def cartpole(
     def terminal_cost(x):
         return 50.0 * (x[0] ** 2 + (x[1] - jnp.pi) ** 2) + 5.0 * (x[2] ** 2 + x[3] ** 2)
 
-    bound = None if u_max is None else float(u_max)
-    return ControlProblem(
-        dynamics,
-        running_cost,
-        terminal_cost,
-        jnp.asarray(x0, dtype),
-        horizon,
-        None if bound is None else -bound,
-        bound,
-        control_size=1,
-    )
+    return _symmetric_box(dynamics, running_cost, terminal_cost, x0, horizon, u_max, dtype)
 
 
 # --------------------------------------------------------------------------- bang-bang
