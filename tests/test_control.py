@@ -342,10 +342,6 @@ def test_bad_inputs():
         control.ControlProblem(f, ell, phi, x0, 0, control_size=2)
     with pytest.raises(ValueError, match="upper must be"):
         control.ControlProblem(f, ell, phi, x0, 4, upper=jnp.ones((3, 2)))
-    with pytest.raises(TypeError, match="holds JAX arrays"):
-        control.ControlProblem(
-            jax.tree_util.Partial(lambda a, x, u, k: a * x, jnp.ones(2)), ell, phi, x0, 4
-        )
     prob = control.ControlProblem(f, ell, phi, x0, 4, lower=-1.0, upper=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"shape \(horizon, m\) = \(4, 2\)"):
         control.solve(prob, jnp.zeros((4, 3)))
@@ -373,7 +369,7 @@ def test_nan_in_rollout_is_flagged(method):
         3,
         control_size=1,
     )
-    sol = control.solve(prob, jnp.zeros((3, 1)), method)
+    sol = control.solve(prob, jnp.zeros((3, 1)), method, throw=False)
     assert int(sol.result) == NONFINITE
     assert not bool(sol.converged)
     assert "non-finite" in sol.message
@@ -384,7 +380,10 @@ def test_cost_target_stops_early():
     full = control.solve(prob, jnp.zeros((N, 1)), control.ProjectedGradient())
     target = 1.01 * float(full.cost)
     sol = control.solve(
-        prob, jnp.zeros((N, 1)), control.ProjectedGradient(cost_target=jnp.asarray(target))
+        prob,
+        jnp.zeros((N, 1)),
+        control.ProjectedGradient(cost_target=jnp.asarray(target)),
+        throw=False,
     )
     assert int(sol.result) == TARGET and "cost_target" in sol.message
     assert float(sol.cost) <= target and int(sol.iterations) < int(full.iterations)
@@ -403,7 +402,7 @@ def test_pontryagin_check_sees_a_local_minimum():
         lambda x, u, k: x, _double_well, lambda x: jnp.sum(x**2), jnp.zeros(1), 4, control_size=1
     )
     method = control.GradientDescent(optax.sgd(0.05))
-    sol = control.solve(prob, jnp.ones((4, 1)), method)
+    sol = control.solve(prob, jnp.ones((4, 1)), method, throw=False)
     assert np.allclose(sol.controls, 0.68064, atol=1e-4)
     assert bool(sol.kkt.kkt_ok) and not bool(sol.kkt.pontryagin_ok)
     assert not bool(sol.converged)

@@ -15,7 +15,9 @@ terminal cost and its gradient is the core's costate recursion (the custom VJP o
 every stage in the paper's sign, and that of X is B(k) = −∂C/∂X(k).
 """
 
+import types
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -59,11 +61,14 @@ class ControlStage(AbstractStage):
         return jnp.concatenate([x_next, jnp.reshape(c_next, (1,))])
 
 
-def _as_bound(value, name: str, horizon: int, m: int, dtype, default: float) -> Array:
+def _as_bound(value, name: str, horizon: int, m: int | None, dtype, default: float) -> Array:
+    """A bound as an (N, m) array, or as a scalar while the control size m is unknown."""
     if value is None:
-        return jnp.full((horizon, m), default, dtype)
+        return jnp.full(() if m is None else (horizon, m), default, dtype)
     arr = jnp.asarray(value, dtype)
-    if arr.ndim == 0 or arr.shape == (m,) or arr.shape == (horizon, m):
+    if m is None and arr.ndim == 0:
+        return arr
+    if m is not None and (arr.ndim == 0 or arr.shape == (m,) or arr.shape == (horizon, m)):
         return jnp.broadcast_to(arr, (horizon, m))
     raise ValueError(
         f"ControlProblem: {name} must be a scalar, shape (m,) = ({m},) or "
@@ -71,8 +76,65 @@ def _as_bound(value, name: str, horizon: int, m: int, dtype, default: float) -> 
     )
 
 
-def _has_arrays(fn) -> bool:
-    return bool(jax.tree_util.tree_leaves(eqx.filter(fn, eqx.is_array)))
+def _concrete(*xs) -> bool:
+    """Whether every array is a concrete value (not a tracer under jit/vmap/grad)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _check_bounds(lo: Array, hi: Array) -> Array:
+    """lower ≤ upper and no NaN: a ValueError naming the first control at fault when the
+    bounds are concrete, an `eqx.error_if` (raised when the program runs) when traced."""
+    if not _concrete(lo, hi):
+        lo = eqx.error_if(lo, jnp.any(lo > hi), "ControlProblem: lower > upper")
+        nan = jnp.any(jnp.isnan(lo) | jnp.isnan(hi))
+        return eqx.error_if(lo, nan, "ControlProblem: bounds contain NaN")
+    lo_, hi_ = np.broadcast_arrays(np.asarray(lo), np.asarray(hi))
+    if np.isnan(lo_).any() or np.isnan(hi_).any():
+        raise ValueError("ControlProblem: bounds contain NaN")
+    bad = np.argwhere(lo_ > hi_)
+    if len(bad):
+        at = tuple(int(i) for i in bad[0])
+        where = f"u({at[0]})[{at[1]}]" if len(at) == 2 else "every u(k)"
+        raise ValueError(
+            f"ControlProblem: lower > upper at {where}: {float(lo_[at])} > {float(hi_[at])}"
+        )
+    return lo
+
+
+class _Hoisted(eqx.Module):
+    """A closure whose closed-over JAX arrays (tracers included) are pytree leaves, so
+    that they are inputs of whatever transform sees the problem (`eqx.filter_closure_convert`).
+    Arguments are cast to the dtypes it was traced with (k to int32)."""
+
+    fn: Callable
+    dtype: Any = eqx.field(static=True)
+
+    def __call__(self, x, *rest):
+        x = jnp.asarray(x, self.dtype)
+        if not rest:
+            return self.fn(x)
+        u, k = rest
+        return self.fn(x, jnp.asarray(u, self.dtype), jnp.asarray(k, jnp.int32))
+
+
+def _hoist(fn: Callable, args) -> Callable:
+    """`fn` as data: a plain function without a closure and an Equinox module are data
+    already; a closure (or `functools.partial`, …) is traced once at `args` and its
+    closed-over arrays become leaves."""
+    if isinstance(fn, eqx.Module) or (
+        isinstance(fn, types.FunctionType) and fn.__closure__ is None
+    ):
+        return fn
+    return _Hoisted(eqx.filter_closure_convert(fn, *args), args[0].dtype)
+
+
+def _broadcast_over_stages(tree, n: int):
+    """Copy every array leaf of `tree` n times along a new leading axis, so that a stacked
+    `Multistage` (which scans over the leading axis of all its array leaves) sees the same
+    parameters at every stage; the transpose of the broadcast sums their gradients."""
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+    dynamic = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), dynamic)
+    return eqx.combine(dynamic, static)
 
 
 class ControlProblem(eqx.Module):
@@ -88,13 +150,17 @@ class ControlProblem(eqx.Module):
       controller that must serve all of them).
     - `horizon`: N, the number of controls.
     - `lower`, `upper`: box bounds on u (scalar, (m,) or (N, m); ±inf for one-sided).
-    - `control_size`: m; needed only when no bound reveals it (default 1 then).
+    - `control_size`: m. When neither it nor a bound of shape (m,) or (N, m) gives m, it
+      is taken from `u_init` by `solve` (`with_control_size`).
     - `adjoint`: how the underlying `Multistage` is differentiated (the core's
       `CostateAdjoint()` by default; `AutodiffAdjoint()` for the jax.grad baseline).
 
-    The callables must not hold JAX arrays (close over Python floats or NumPy arrays,
-    or write them as functions); bounds are checked (lower ≤ upper) and the callables'
-    output shapes are traced at construction.
+    **A problem is data.** The callables may be Equinox modules with array fields or
+    closures over JAX arrays (also tracers); every inexact array in the problem, inside
+    the callables, `x0`, `lower` and `upper`, is a differentiable input of `solve`. A
+    problem can be built under `jit`, `vmap` and `grad`: shapes are checked at
+    construction (the callables are traced with `jax.eval_shape`), values (lower ≤ upper,
+    no NaN) with a ValueError when they are concrete and with `eqx.error_if` when traced.
     """
 
     dynamics: Callable
@@ -105,6 +171,7 @@ class ControlProblem(eqx.Module):
     upper: Float[Array, "N m"]
     horizon: int = eqx.field(static=True)
     batched: bool = eqx.field(static=True)
+    control_size: int | None = eqx.field(static=True)
     adjoint: AbstractAdjoint
 
     def __init__(
@@ -119,6 +186,7 @@ class ControlProblem(eqx.Module):
         *,
         control_size: int | None = None,
         adjoint: AbstractAdjoint = CostateAdjoint(),
+        _size_from: str | None = None,
     ):
         for name, fn in (
             ("dynamics", dynamics),
@@ -127,11 +195,6 @@ class ControlProblem(eqx.Module):
         ):
             if not callable(fn):
                 raise TypeError(f"ControlProblem: {name} must be callable, got {type(fn).__name__}")
-            if _has_arrays(fn):
-                raise TypeError(
-                    f"ControlProblem: {name} holds JAX arrays; close over Python floats or "
-                    "NumPy arrays instead (the callables are static parts of the stages)"
-                )
         if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
             raise ValueError(f"ControlProblem: horizon must be a positive int, got {horizon!r}")
         if not isinstance(adjoint, AbstractAdjoint):
@@ -145,36 +208,51 @@ class ControlProblem(eqx.Module):
             )
         dtype = x0.dtype
         m = control_size
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"ControlProblem: control_size must be a positive int, got {m!r}")
         for value in (lower, upper):
             if m is None and value is not None and np.ndim(value) >= 1:
                 m = int(np.shape(value)[-1])
-        if m is None:
-            m = 1
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"ControlProblem: control_size must be a positive int, got {m!r}")
         lo = _as_bound(lower, "lower", horizon, m, dtype, -jnp.inf)
         hi = _as_bound(upper, "upper", horizon, m, dtype, jnp.inf)
-        bad = lo > hi
-        if bool(bad.any()):
-            k, i = (int(v[0]) for v in jnp.nonzero(bad))
-            raise ValueError(
-                f"ControlProblem: lower > upper at u({k})[{i}]: "
-                f"{float(lo[k, i])} > {float(hi[k, i])}"
-            )
-        if bool(jnp.isnan(lo).any() | jnp.isnan(hi).any()):
-            raise ValueError("ControlProblem: bounds contain NaN")
         self.dynamics = dynamics
         self.running_cost = running_cost
         self.terminal_cost = terminal_cost
         self.batched = x0.ndim == 2
         self.x0 = x0 if self.batched else x0[None]
-        self.lower = lo
+        self.lower = _check_bounds(lo, hi)
         self.upper = hi
         self.horizon = horizon
+        self.control_size = m
         self.adjoint = adjoint
-        self._check_shapes(m)
+        if m is not None:
+            source = _size_from or ("control_size" if control_size is not None else "the bounds")
+            self._check_shapes(m, source)
 
-    def _check_shapes(self, m: int) -> None:
+    def with_control_size(self, m: int, source: str = "u_init") -> "ControlProblem":
+        """This problem with the control size m (bounds broadcast to (N, m), the callables'
+        shapes checked). A problem whose size is already known must have the same m."""
+        if self.control_size is not None:
+            if m != self.control_size:
+                raise ValueError(
+                    f"ControlProblem: {source} has {m} controls per stage, the problem "
+                    f"{self.control_size} (control_size or bounds)"
+                )
+            return self
+        return ControlProblem(
+            self.dynamics,
+            self.running_cost,
+            self.terminal_cost,
+            self.x0 if self.batched else self.x0[0],
+            self.horizon,
+            self.lower,
+            self.upper,
+            control_size=m,
+            adjoint=self.adjoint,
+            _size_from=source,
+        )
+
+    def _check_shapes(self, m: int, source: str) -> None:
         n = self.state_size
         x = jax.ShapeDtypeStruct((n,), self.dtype)
         u = jax.ShapeDtypeStruct((m,), self.dtype)
@@ -188,8 +266,8 @@ class ControlProblem(eqx.Module):
                 out = jax.eval_shape(fn, *args)
             except Exception as err:
                 raise ValueError(
-                    f"ControlProblem: {name} failed on x of shape ({n},), u of shape ({m},): "
-                    f"{type(err).__name__}: {err}"
+                    f"ControlProblem: {name} failed on x of shape ({n},) (from x0) and u of "
+                    f"shape ({m},) (m = {m} from {source}): {type(err).__name__}: {err}"
                 ) from None
             shape = getattr(out, "shape", None)
             if not isinstance(out, jax.ShapeDtypeStruct) or shape != want:
@@ -198,15 +276,12 @@ class ControlProblem(eqx.Module):
                     f"ControlProblem: {name} must return {what}; got "
                     f"{shape if shape is not None else type(out).__name__}"
                 )
+            object.__setattr__(self, name, _hoist(fn, args))
 
     # ---------------------------------------------------------------- sizes
     @property
     def state_size(self) -> int:
         return self.x0.shape[-1]
-
-    @property
-    def control_size(self) -> int:
-        return self.lower.shape[-1]
 
     @property
     def n_initial_states(self) -> int:
@@ -218,13 +293,22 @@ class ControlProblem(eqx.Module):
 
     @property
     def bounded(self) -> bool:
-        """Whether any bound is finite (decided at construction, so static)."""
-        return bool(jnp.isfinite(self.lower).any() | jnp.isfinite(self.upper).any())
+        """Whether any bound may be finite: exact for concrete bounds, True when traced."""
+        if not _concrete(self.lower, self.upper):
+            return True
+        return bool(
+            np.isfinite(np.asarray(self.lower)).any() or np.isfinite(np.asarray(self.upper)).any()
+        )
 
     # ---------------------------------------------------------------- pieces
     def check_controls(self, u) -> Array:
         """Check a control sequence's shape (N, m) and dtype and return it as an array."""
         u = jnp.asarray(u)
+        if self.control_size is None:
+            raise ValueError(
+                "ControlProblem: the control size is unknown; pass control_size=, a bound of "
+                "shape (m,), or call problem.with_control_size(m)"
+            )
         want = (self.horizon, self.control_size)
         if u.shape != want:
             raise ValueError(f"controls must have shape (horizon, m) = {want}; got {u.shape}")
@@ -238,11 +322,12 @@ class ControlProblem(eqx.Module):
 
     def system(self, u: Float[Array, "N m"]) -> Multistage:
         """The stacked `Multistage` whose controls are u(0..N-1) (stage k+1 uses u(k))."""
+        N = self.horizon
         stage = ControlStage(
             u,
-            jnp.arange(self.horizon, dtype=jnp.int32),
-            self.dynamics,
-            self.running_cost,
+            jnp.arange(N, dtype=jnp.int32),
+            _broadcast_over_stages(self.dynamics, N),
+            _broadcast_over_stages(self.running_cost, N),
             self.state_size,
         )
         return Multistage(stage, adjoint=self.adjoint)

@@ -12,9 +12,13 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from ._base import (
+    MAX_STEPS,
     MESSAGES,
+    NONFINITE,
     RUNNING,
+    STALLED,
     SUCCESS,
+    TARGET,
     AbstractMethod,
     default_tol,
     outcome,
@@ -22,9 +26,17 @@ from ._base import (
     stop_test,
     target_of,
 )
+from ._implicit import attach, linearise
 from ._kkt import ControlKKT, analyse
 from ._parallel import AbstractCostates, SequentialCostates
 from ._problem import ControlProblem
+
+
+def _constant(tree):
+    """`tree` with every array cut off from differentiation (`lax.stop_gradient`)."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree
+    )
 
 
 def _finite(*xs) -> Array:
@@ -158,9 +170,17 @@ class Solution(eqx.Module):
     - `kkt`: a `ControlKKT` (stationarity, bound multipliers, complementarity,
       feasibility, Lagrangian residuals, Hamiltonian, Pontryagin gap).
     - `iterations`, `result` (0 success, 1 max steps, 2 non-finite, 3 stalled, 4 cost
-      target reached; see
-      `message`), `converged` = the method met its tolerance AND the KKT and Pontryagin
-      checks pass.
+      target reached; see `message`), `converged` = the method met its tolerance AND the
+      KKT (and, unless `pontryagin=False`, Pontryagin) checks pass.
+    - `hessian_ok`: the reduced Hessian on the free controls is positive definite at
+      every stage (a strict local minimum: the implicit derivative exists);
+      `min_pivot`: its smallest eigenvalue over the stages; `weakly_active`: the number
+      of controls held at a bound whose multiplier is about zero (there the derivative
+      is one-sided: the control stays at its bound).
+
+    `controls`, `states`, `costates` and `cost` are differentiable with respect to every
+    inexact array of the problem (implicit function theorem at the KKT point; see
+    `adjoint.control.implicit`); the derivative is to be trusted where `derivative_ok`.
     """
 
     controls: Float[Array, "N m"]
@@ -172,18 +192,45 @@ class Solution(eqx.Module):
     iterations: Int[Array, ""]
     result: Int[Array, ""]
     converged: Bool[Array, ""]
+    hessian_ok: Bool[Array, ""]
+    min_pivot: Scalar
+    weakly_active: Int[Array, ""]
+
+    @property
+    def derivative_ok(self) -> Bool[Array, ""]:
+        """A converged solve at a strict local minimum: the implicit derivative holds."""
+        return self.converged & self.hessian_ok
 
     @property
     def message(self) -> str:
         text = MESSAGES.get(int(self.result), "unknown outcome")
         if int(self.result) == SUCCESS and not bool(self.converged):
             text += "; but the KKT / Pontryagin check failed: " + self.kkt.summary()
+        if not bool(self.hessian_ok):
+            text += (
+                f"; the reduced Hessian is not positive definite (min {float(self.min_pivot):.2e})"
+            )
         return text
 
     @property
     def history(self) -> Array:
         """The cost history without the NaN padding (outside `jit` only)."""
         return self.cost_history[: int(self.iterations) + 1]
+
+
+_THROW = (
+    f"control.solve: {MESSAGES[MAX_STEPS]}",
+    f"control.solve: {MESSAGES[NONFINITE]}",
+    f"control.solve: {MESSAGES[STALLED]}",
+    f"control.solve: {MESSAGES[TARGET]}, not an optimum",
+    "control.solve: the method met its tolerance but the KKT check failed (see "
+    "Solution.kkt.summary())",
+    "control.solve: the Pontryagin check failed (pass pontryagin=False where H(k) is not "
+    "concave in u)",
+    "control.solve: the reduced Hessian on the free controls is not positive definite at "
+    "the solution: not a strict local minimum, so its derivative is undefined",
+)
+_THROW_HINT = " (pass throw=False for the flagged Solution)"
 
 
 @eqx.filter_jit
@@ -194,43 +241,82 @@ def _run(problem: ControlProblem, u0: Array, method: AbstractMethod, tol: float)
 
 
 @eqx.filter_jit
-def _finish(problem, u, history, iterations, result, tol, pontryagin) -> Solution:
-    cost, states, costates, kkt = analyse(problem, u, tol)
-    if not problem.batched:
-        states, costates = states[:, 0], costates[:, 0]
+def _finish(problem, u, history, iterations, result, tol, pontryagin, throw) -> Solution:
+    cost, states, costates, kkt = analyse(_constant(problem), u, tol)
+    N1, P, n = states.shape
+    X, lam = states.reshape(N1, P * n), -costates.reshape(N1, P * n)
+    lin = linearise(_constant(problem), X, u, lam, kkt.tolerance)
     checks = kkt.ok if pontryagin else kkt.kkt_ok
     converged = (result == SUCCESS) & checks & jnp.isfinite(cost)
-    return Solution(u, states, costates, cost, history, kkt, iterations, result, converged)
+    # the identity on the solution, whose derivative is the implicit one
+    u, X, lam, cost = attach(problem, (u, X, lam, cost), lin)
+    states, costates = X.reshape(N1, P, n), -lam.reshape(N1, P, n)
+    if not problem.batched:
+        states, costates = states[:, 0], costates[:, 0]
+    if throw:
+        index = jnp.where(
+            result != SUCCESS,
+            jnp.clip(result - 1, 0, 3),
+            jnp.where(~kkt.kkt_ok, 4, jnp.where(~checks, 5, 6)),
+        )
+        u = eqx.branched_error_if(
+            u, ~(converged & lin.ok), index, [m + _THROW_HINT for m in _THROW]
+        )
+    return Solution(
+        u,
+        states,
+        costates,
+        cost,
+        history,
+        kkt,
+        iterations,
+        result,
+        converged,
+        lin.ok,
+        lin.min_pivot,
+        lin.weakly_active,
+    )
 
 
-def _solve(problem, u0, method, tol, pontryagin) -> Solution:
-    # two compiled pieces: the method's loop, and the analysis (shared by all methods)
-    u, history, iterations, result = _run(problem, u0, method, tol)
-    return _finish(problem, u, history, iterations, result, tol, pontryagin)
+def _solve(problem, u0, method, tol, pontryagin, throw) -> Solution:
+    # two compiled pieces: the method's loop (on constants: no derivative flows through
+    # the iterations), and the analysis with the implicit derivative (shared by all methods)
+    fixed = _constant(problem)
+    u, history, iterations, result = _run(fixed, _constant(u0), method, tol)
+    return _finish(problem, u, history, iterations, result, tol, pontryagin, throw)
 
 
 def solve(
     problem: ControlProblem,
-    u_init: Float[Array, "N m"],
+    u_init: Float[Array, "N m"] | None = None,
     method: AbstractMethod | None = None,
     *,
     pontryagin: bool = True,
+    throw: bool = True,
 ) -> Solution:
     """Solve min_u C(u) s.t. the dynamics and lower ≤ u ≤ upper, starting from `u_init`.
 
     **Arguments:**
 
     - `problem`: a `ControlProblem`.
-    - `u_init`: a feasible initial control sequence of shape (N, m).
+    - `u_init`: a feasible initial control sequence of shape (N, m); None: zeros
+      projected on the box (the control size must then be known from the problem). A
+      problem without a control size takes it from `u_init`.
     - `method`: `ILQR()` (default), `ProjectedGradient()` or `GradientDescent(optax...)`.
     - `pontryagin`: whether `converged` also requires the minimum-principle check (a
       necessary condition in discrete time only where H(k) is concave in u in the
       paper's sign; pass False for problems where it is not). It is computed either way.
+    - `throw`: raise (an `EquinoxRuntimeError` under `jit`) with the reason when the
+      solve did not converge or the solution is no strict local minimum, as optimistix
+      does; False returns the flagged `Solution` (`converged`, `hessian_ok`).
 
     **Returns:** a `Solution` whose costates (paper's sign) come from the core's
     recursion at the final controls and whose `kkt` is checked independently with
-    `jax.grad` of the core Lagrangian. Runs under `jit`; raises ValueError for a
-    `u_init` of the wrong shape or outside the bounds.
+    `jax.grad` of the core Lagrangian. Its `controls`, `states`, `costates` and `cost`
+    are differentiable (`jax.grad`, `jax.jvp`, `jax.vmap` of either) with respect to every
+    inexact array in the problem by the implicit function theorem at the KKT point,
+    whatever the method and its number of iterations. Runs under `jit`; raises
+    ValueError for a `u_init` of the wrong shape or outside the bounds.
     """
     if not isinstance(problem, ControlProblem):
         raise TypeError(f"problem must be a ControlProblem, got {type(problem).__name__}")
@@ -243,11 +329,25 @@ def solve(
             f"method must be ILQR(), ProjectedGradient() or GradientDescent(...), got "
             f"{type(method).__name__}"
         )
+    if u_init is None:
+        if problem.control_size is None:
+            raise ValueError(
+                "control.solve: the control size is unknown; pass u_init of shape (horizon, m), "
+                "or build the problem with control_size= or a bound of shape (m,)"
+            )
+        u_init = problem.project(jnp.zeros((problem.horizon, problem.control_size), problem.dtype))
+    elif problem.control_size is None:
+        shape = jnp.shape(u_init)
+        if len(shape) != 2 or shape[0] != problem.horizon:
+            raise ValueError(
+                f"u_init must have shape (horizon, m) = ({problem.horizon}, m); got {shape}"
+            )
+        problem = problem.with_control_size(int(shape[1]))
     check = getattr(method, "check_problem", None)
     if check is not None:  # e.g. ILQR(backward=ParallelRiccati()) needs a problem without bounds
         check(problem)
     u0 = problem.check_controls(u_init)
-    if not isinstance(u0, jax.core.Tracer):
+    if not isinstance(u0, jax.core.Tracer) and not isinstance(problem.lower, jax.core.Tracer):
         outside = (u0 < problem.lower) | (u0 > problem.upper)
         if bool(outside.any()):
             k, i = (int(v[0]) for v in jnp.nonzero(outside))
@@ -257,4 +357,4 @@ def solve(
                 "project it with problem.project(u_init)"
             )
     tol = method.tol if method.tol is not None else default_tol(problem.dtype)
-    return _solve(problem, u0, method, float(tol), bool(pontryagin))
+    return _solve(problem, u0, method, float(tol), bool(pontryagin), bool(throw))
