@@ -6,12 +6,15 @@
 `ControlProblem` is a stacked `Multistage` whose controls are u(0..N-1); `solve` runs
 `ILQR` (box-DDP), `ProjectedGradient` or `GradientDescent` (any optax optimiser) and
 returns a `Solution` with costates in the paper's sign B = −∂C/∂X and KKT / Pontryagin
-residuals.
+residuals. The solution is differentiable with respect to every array in the problem
+(implicit function theorem at the KKT point: one LQ solve, whatever the method), and
+`MPC` runs `solve` in a receding horizon as one `lax.scan`.
 """
 
 from ._base import AbstractMethod as AbstractMethod
 from ._ilqr import ILQR as ILQR, SequentialRiccati as SequentialRiccati, box_qp as box_qp
 from ._kkt import ControlKKT as ControlKKT, analyse as analyse
+from ._mpc import MPC as MPC, MPCTrajectory as MPCTrajectory
 from ._parallel import (
     AbstractCostates as AbstractCostates,
     ParallelCostates as ParallelCostates,
@@ -41,6 +44,8 @@ __all__ = [
     "ControlStage",
     "GradientDescent",
     "ILQR",
+    "MPC",
+    "MPCTrajectory",
     "ParallelCostates",
     "ParallelRiccati",
     "ProjectedGradient",

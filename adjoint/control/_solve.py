@@ -180,7 +180,7 @@ class Solution(eqx.Module):
 
     `controls`, `states`, `costates` and `cost` are differentiable with respect to every
     inexact array of the problem (implicit function theorem at the KKT point; see
-    `adjoint.control.implicit`); the derivative is to be trusted where `derivative_ok`.
+    `adjoint.control._implicit`); the derivative is to be trusted where `derivative_ok`.
     """
 
     controls: Float[Array, "N m"]
