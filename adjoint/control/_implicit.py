@@ -56,7 +56,7 @@ class KKTLinearisation(eqx.Module):
     States are stacked over the batch of initial states: n = P · n_x.
 
     - `A`, `B`, `Q`, `S`, `R`: f_X, f_u, H_XX, H_uX, H_uu per stage (N, ·, ·); `Q_N` = φ_XX.
-    - `free`: controls not held at a bound (N, m).
+    - `free`: controls not held at a bound (N, m); `active_lower`: held at the lower one.
     - `P`: V_XX(0..N) of the LQ problem; `K`: feedback gains (zero on active controls);
       `chol`: Cholesky factors of the reduced Hessians (identity on active controls).
     - `ok`: every reduced Hessian is positive definite (strict local minimum).
@@ -123,12 +123,20 @@ def residual(problem: ControlProblem, X, u, lam):
     return (r_dyn, r_cost, Hu), lagrangian
 
 
-def linearise(problem: ControlProblem, X, u, lam, tolerance) -> KKTLinearisation:
-    """The LQ data and Riccati gains at a solution (stacked X, λ; see `residual`).
+def active_set(problem: ControlProblem, u, Hu, tolerance):
+    """Which controls are held at a bound (within `tolerance` of it), which of those at
+    the lower one, and how many are weakly active (multiplier |H_u| within `tolerance`
+    of zero as well: there the derivative is one-sided)."""
+    at_lower = u - problem.lower <= tolerance
+    at_upper = problem.upper - u <= tolerance
+    free = ~(at_lower | at_upper)
+    weakly = jnp.sum((~free) & (jnp.abs(Hu) <= tolerance))
+    return free, at_lower & ~at_upper, weakly
 
-    A control is held at a bound when it lies within `tolerance` of it; it is counted
-    as weakly active when its multiplier |H_u| is within `tolerance` of zero as well.
-    """
+
+def linearise(problem: ControlProblem, X, u, lam, tolerance=None, *, free=None, lower=None):
+    """The LQ data and Riccati gains at a solution (stacked X, λ; see `residual`), with
+    the active set from `active_set(…, tolerance)` or given as `free`, `lower`."""
     F, L, Phi = _stacked(problem)
     ks = jnp.arange(problem.horizon, dtype=jnp.int32)
 
@@ -141,11 +149,10 @@ def linearise(problem: ControlProblem, X, u, lam, tolerance) -> KKTLinearisation
 
     A, B, Q, S, R, Hu = jax.vmap(stage)(X[:-1], u, lam[1:], ks)
     Q_N = _sym(jax.hessian(Phi)(X[-1]))
-    at_lower = u - problem.lower <= tolerance
-    at_upper = problem.upper - u <= tolerance
-    active_lower = at_lower & ~at_upper
-    free = ~(at_lower | at_upper)
-    weakly = jnp.sum((~free) & (jnp.abs(Hu) <= tolerance))
+    if free is None:
+        free, lower, weakly = active_set(problem, u, Hu, tolerance)
+    else:
+        weakly = jnp.zeros((), jnp.int32)
 
     m = u.shape[-1]
     eye = jnp.eye(m, dtype=u.dtype)
@@ -159,9 +166,11 @@ def linearise(problem: ControlProblem, X, u, lam, tolerance) -> KKTLinearisation
         pivot = jnp.min(jnp.linalg.eigvalsh(Hm))
         chol = jnp.linalg.cholesky(Hm)
         pd = jnp.all(jnp.isfinite(chol)) & (pivot > 0)
-        chol = jnp.where(pd, chol, jnp.nan)  # NaN derivatives, never a singular division
-        K = -jsl.cho_solve((chol, True), jnp.where(fr[:, None], G, 0))
+        # the gains go on with a safe factor, so that the pivots of earlier stages stay
+        # meaningful; the derivative itself is NaN, never a division by a singular matrix
+        K = -jsl.cho_solve((jnp.where(pd, chol, eye), True), jnp.where(fr[:, None], G, 0))
         P_ = _sym(Q_ + A_.T @ Pn @ A_ + G.T @ K)
+        chol = jnp.where(pd, chol, jnp.nan)
         return P_, (P_, K, chol, pd, jnp.where(jnp.any(fr), pivot, jnp.inf))
 
     _, (Ps, K, chol, pd, pivots) = jax.lax.scan(step, Q_N, (A, B, Q, S, R, free), reverse=True)
@@ -173,7 +182,7 @@ def linearise(problem: ControlProblem, X, u, lam, tolerance) -> KKTLinearisation
         R=R,
         Q_N=Q_N,
         free=free,
-        active_lower=active_lower,
+        active_lower=lower,
         P=jnp.concatenate([Ps, Q_N[None]]),
         K=K,
         chol=chol,
@@ -216,20 +225,24 @@ def lq_solve(lin: KKTLinearisation, c, q, r, d):
 
 
 @eqx.filter_custom_jvp
-def attach(problem: ControlProblem, solution, lin: KKTLinearisation):
+def attach(problem: ControlProblem, solution, free, lower):
     """The identity on `solution = (u, X, λ, C)` (stacked X, λ), whose JVP with respect to
-    `problem` is the implicit derivative of the module docstring. `solution` and `lin`
-    are treated as constants: they were computed without derivatives."""
+    `problem` is the implicit derivative of the module docstring, with the active set
+    (`free`, `lower`) held fixed. `solution` is treated as a constant (it was computed
+    without derivatives); the JVP rule uses `attach` again, so derivatives of any order
+    see the solution move with the problem."""
     return solution
 
 
 @attach.def_jvp
 def _attach_jvp(primals, tangents):
-    problem, solution, lin = primals
-    t_problem, _, _ = tangents
-    u, X, lam, C = solution
+    problem, solution, free, lower = primals
+    t_problem = tangents[0]
     if t_problem is None:
         t_problem = jax.tree_util.tree_map(lambda _: None, problem)
+    # the solution as a function of the problem (for higher-order derivatives)
+    u, X, lam, _ = attach(problem, solution, free, lower)
+    lin = linearise(problem, X, u, lam, free=free, lower=lower)
 
     def r_of(prob):
         return residual(prob, X, u, lam)
@@ -245,8 +258,8 @@ def _attach_jvp(primals, tangents):
     )
     lo_dot = jnp.zeros_like(u) if t_problem.lower is None else t_problem.lower
     hi_dot = jnp.zeros_like(u) if t_problem.upper is None else t_problem.upper
-    d = jnp.where(lin.free, 0, jnp.where(lin.active_lower, lo_dot, hi_dot))
+    d = jnp.where(free, 0, jnp.where(lower, lo_dot, hi_dot))
     dx, du, dlam = lq_solve(lin, -t_dyn, -t_cost, t_u, d)
     # envelope theorem: Ċ = ∂L/∂θ·θ̇, the bound multipliers being H_u on active controls
-    dC = t_L + jnp.sum(jnp.where(lin.free, 0, Hu) * d)
+    dC = t_L + jnp.sum(jnp.where(free, 0, Hu) * d)
     return solution, (du, dx, dlam, dC)

@@ -235,6 +235,9 @@ _THROW_HINT = " (pass throw=False for the flagged Solution)"
 
 @eqx.filter_jit
 def _run(problem: ControlProblem, u0: Array, method: AbstractMethod, tol: float):
+    # traced bounds are checked here first, before anything reads them
+    crossed = jnp.any(problem.lower > problem.upper)
+    u0 = eqx.error_if(u0, crossed, "ControlProblem: lower > upper")
     outside = (u0 < problem.lower) | (u0 > problem.upper)
     u0 = eqx.error_if(u0, outside.any(), "u_init lies outside the bounds [lower, upper]")
     return method.run(problem, u0, tol)
@@ -248,20 +251,20 @@ def _finish(problem, u, history, iterations, result, tol, pontryagin, throw) -> 
     lin = linearise(_constant(problem), X, u, lam, kkt.tolerance)
     checks = kkt.ok if pontryagin else kkt.kkt_ok
     converged = (result == SUCCESS) & checks & jnp.isfinite(cost)
-    # the identity on the solution, whose derivative is the implicit one
-    u, X, lam, cost = attach(problem, (u, X, lam, cost), lin)
-    states, costates = X.reshape(N1, P, n), -lam.reshape(N1, P, n)
-    if not problem.batched:
-        states, costates = states[:, 0], costates[:, 0]
-    if throw:
+    solution = (u, X, lam, cost)
+    if throw:  # checked before `attach`, whose derivative reads it: never optimised away
         index = jnp.where(
             result != SUCCESS,
             jnp.clip(result - 1, 0, 3),
             jnp.where(~kkt.kkt_ok, 4, jnp.where(~checks, 5, 6)),
         )
-        u = eqx.branched_error_if(
-            u, ~(converged & lin.ok), index, [m + _THROW_HINT for m in _THROW]
-        )
+        failed = ~(converged & lin.ok)
+        solution = eqx.branched_error_if(solution, failed, index, [m + _THROW_HINT for m in _THROW])
+    # the identity on the solution, whose derivative is the implicit one
+    u, X, lam, cost = attach(problem, solution, lin.free, lin.active_lower)
+    states, costates = X.reshape(N1, P, n), -lam.reshape(N1, P, n)
+    if not problem.batched:
+        states, costates = states[:, 0], costates[:, 0]
     return Solution(
         u,
         states,
