@@ -157,7 +157,10 @@ def analyse(problem: ControlProblem, u: Float[Array, "N m"], tol):
         h_c = jax.vmap(lambda v: problem.hamiltonian(k, x, v, b_next))(cands)
         return h_u, jnp.max(h_c) - h_u
 
-    h, gap = jax.vmap(stage_check)(ks, states[:-1], u, b[1:], problem.lower, problem.upper)
+    # stage by stage (a loop, not a vmap over N): memory O(candidates), not O(N·candidates)
+    h, gap = jax.lax.map(
+        lambda args: stage_check(*args), (ks, states[:-1], u, b[1:], problem.lower, problem.upper)
+    )
     kkt = ControlKKT(
         gradient=grad,
         multipliers_lower=mu_lower,
