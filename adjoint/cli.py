@@ -2,7 +2,9 @@
 
     adjoint demo                 train a small multistage net with the costate recursion,
                                  check its gradients, plot the loss
-    adjoint train TASK           train on a built-in task (see `adjoint train --help`)
+    adjoint train TASK           train on a built-in task (see `adjoint train --help`);
+                                 `adjoint train imitation` learns a planner's model and
+                                 cost from expert plans (adjoint.imitation)
     adjoint control NAME         solve a classic optimal-control problem
     adjoint bench [--quick]      run the benchmark suite
 
@@ -21,7 +23,9 @@ class _CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _common(p: argparse.ArgumentParser, *, steps: int | None, precision: str, out: str) -> None:
+def _common(
+    p: argparse.ArgumentParser, *, steps: int | None, precision: str | None, out: str
+) -> None:
     p.add_argument(
         "--steps",
         type=_positive_int,
@@ -39,7 +43,7 @@ def _common(p: argparse.ArgumentParser, *, steps: int | None, precision: str, ou
         "--precision",
         choices=["32", "64"],
         default=precision,
-        help=f"floating-point bits (default {precision})",
+        help=f"floating-point bits (default {precision or '32; 64 for imitation'})",
     )
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
@@ -94,11 +98,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train on a built-in task",
         description="Train a multistage net on a built-in task generated in code, print "
         "progress, write a loss plot (loss.png), the metrics (history.json) and "
-        "checkpoints (checkpoints/; a rerun resumes from the newest valid one).",
-        epilog="tasks: " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()),
+        "checkpoints (checkpoints/; a rerun resumes from the newest valid one). The "
+        "imitation task learns a planner instead and writes imitation.png and "
+        "imitation.json.",
+        epilog="tasks: "
+        + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values())
+        + f"; imitation: {IMITATION}",
     )
-    train.add_argument("task", metavar="TASK", choices=sorted(TASKS), help=", ".join(TASKS))
-    _common(train, steps=None, precision="32", out="adjoint-train")
+    names = [*TASKS, "imitation"]
+    train.add_argument("task", metavar="TASK", choices=sorted(names), help=", ".join(names))
+    _common(train, steps=None, precision=None, out="adjoint-train")
     train.add_argument(
         "--checkpoint-every", type=_positive_int, default=None, help="steps between checkpoints"
     )
@@ -132,6 +141,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------
+
+
+def _make_out(path: str) -> None:
+    """Create the output directory (a one-line error when it cannot be written)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise _CLIError(f"cannot create the output directory {path!r} ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _CLIError(f"the output directory {path!r} is not writable")
 
 
 def _setup_jax(args):
@@ -233,7 +252,7 @@ def _cmd_demo(args) -> int:
 
     base = TASKS[args.task]
     task = base._replace(sizes=(base.sizes[0], 32, 32, 1), batch_size=None)
-    os.makedirs(args.out, exist_ok=True)
+    _make_out(args.out)
     print(
         f"adjoint demo: {task.sizes} tanh Multistage on {args.task} "
         f"(float{args.precision}, {len(devices)} {devices[0].platform} device(s)); "
@@ -273,12 +292,15 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    if args.task == "imitation":
+        return _cmd_imitation(args)
+    args.precision = args.precision or "32"
     devices, dtype = _setup_jax(args)
     from .tasks import TASKS
 
     task = TASKS[args.task]
     steps = args.steps if args.steps is not None else task.steps
-    os.makedirs(args.out, exist_ok=True)
+    _make_out(args.out)
     ckpt_dir = os.path.join(args.out, "checkpoints")
     print(
         f"adjoint train {task.name}: {task.description}; {steps} steps, "
@@ -298,6 +320,108 @@ def _cmd_train(args) -> int:
     with open(os.path.join(args.out, "history.json"), "w") as f:
         json.dump(hist, f)
     print(f"wrote {path}, {os.path.join(args.out, 'history.json')} and {result.checkpoint}")
+    return 0
+
+
+IMITATION = (
+    "learn a pendulum planner's gravity, damping, actuator gain and control weight from "
+    "16 expert plans, by gradients through control.solve (Amos et al. 2018; float64 "
+    "by default)"
+)
+
+
+def _cmd_imitation(args) -> int:
+    """`adjoint train imitation`: `adjoint.imitation.learn`, its progress, a plot
+    (imitation.png) and a summary (imitation.json)."""
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--checkpoint-every", args.checkpoint_every),
+        ("--parallel", args.parallel or None),
+    ):
+        if value is not None:
+            raise _CLIError(f"{flag} does not apply to the imitation task")
+    lr = 0.1 if args.lr is None else args.lr
+    if not lr > 0:
+        raise _CLIError(f"--lr must be positive, got {lr}")
+    args.precision = args.precision or "64"
+    devices, dtype = _setup_jax(args)
+    import jax
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import imitation
+
+    steps = 300 if args.steps is None else args.steps
+    n_experts = 16
+    _make_out(args.out)
+    print(
+        f"adjoint train imitation: learn a pendulum planner's model and cost weight from "
+        f"{n_experts} expert plans (N = {imitation.HORIZON}); {steps} Adam steps (lr {lr}), "
+        f"float{args.precision}, {devices[0].platform}"
+    )
+
+    def log(step, loss, errors, solves_ok):
+        errs = "  ".join(f"{name} {value:.1e}" for name, value in errors.items())
+        print(
+            f"step {step:6d}   loss {loss:.3e}   relative errors: {errs}   "
+            f"solves ok {solves_ok}/{n_experts}",
+            flush=True,
+        )
+
+    result = imitation.learn(
+        jax.random.key(args.seed), steps=steps, n_experts=n_experts, learning_rate=lr, log=log
+    )
+    if not np.isfinite(result.loss).all():
+        print("adjoint train: the imitation loss became non-finite", file=sys.stderr)
+        return 1
+    print(f"done: {steps} steps in {result.seconds:.1f} s (compilation included)")
+    names = imitation.NAMES
+    print(f"{'parameter':>15} {'true':>10} {'initial':>10} {'learned':>12} {'rel. error':>10}")
+    for name in names:
+        t, i, v = (float(getattr(p, name)) for p in (result.true, result.init, result.learned))
+        print(f"{name:>15} {t:10.4f} {i:10.4f} {v:12.8f} {result.final_errors[name]:10.1e}")
+    all_ok = bool((result.solves_ok == n_experts).all())
+    print(
+        f"loss {result.loss[0]:.3e} -> {result.loss[-1]:.3e}; "
+        + ("every solve converged" if all_ok else "some solves did not converge (left out)")
+    )
+
+    png = os.path.join(args.out, "imitation.png")
+    fig = imitation.figure(result)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    as_dict = lambda p: {name: float(getattr(p, name)) for name in names}
+    summary = {
+        "task": "imitation",
+        "steps": steps,
+        "seed": args.seed,
+        "learning_rate": lr,
+        "precision": int(args.precision),
+        "n_experts": n_experts,
+        "horizon": imitation.HORIZON,
+        "dt": imitation.DT,
+        "true": as_dict(result.true),
+        "initial": as_dict(result.init),
+        "learned": as_dict(result.learned),
+        "relative_errors": result.final_errors,
+        "loss_initial": float(result.loss[0]),
+        "loss_final": float(result.loss[-1]),
+        "all_solves_converged": all_ok,
+        "seconds": result.seconds,
+        "plot": png,
+        "history": {
+            "loss": result.loss.tolist(),
+            "relative_errors": {k: v.tolist() for k, v in result.errors.items()},
+            "solves_ok": result.solves_ok.tolist(),
+        },
+    }
+    path = os.path.join(args.out, "imitation.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"wrote {png} and {path}")
     return 0
 
 

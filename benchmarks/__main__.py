@@ -24,6 +24,7 @@ SUITES = (
     "ctrnn",
     "continuous_costates",
     "control",
+    "implicit",
     "parallel_costates",
     "fit",
 )

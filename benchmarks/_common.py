@@ -46,6 +46,38 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def interleaved_ratios(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    pairs: dict[str, tuple[str, str]],
+    warmup: int = 1,
+) -> dict:
+    """Time zero-argument functions interleaved A B C A B C ... (after `warmup` calls
+    each), with `block_until_ready`, and compare them round by round.
+
+    **Returns:** `{"median_s": {name: median wall time}, "ratio": {label: median over the
+    rounds of t_a / t_b}, "repeats": repeats}` for each `label: (a, b)` of `pairs`. The
+    ratio of the same round's times is robust to drift of the machine's speed that hits
+    a whole round (other jobs, frequency scaling), which a ratio of medians is not."""
+    for f in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(f())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[name].append(time.perf_counter() - t0)
+    return {
+        "median_s": {name: statistics.median(ts) for name, ts in times.items()},
+        "ratio": {
+            label: statistics.median(x / y for x, y in zip(times[a], times[b]))
+            for label, (a, b) in pairs.items()
+        },
+        "repeats": repeats,
+    }
+
+
 def compiled_memory(jitted, *args) -> dict[str, int]:
     """XLA's compiled memory figures (bytes) for a jitted function at `args`."""
     compiled = jitted.lower(*args).compile()

@@ -410,3 +410,30 @@ def test_pontryagin_check_sees_a_local_minimum():
     relaxed = control.solve(prob, jnp.ones((4, 1)), method, pontryagin=False)
     assert bool(relaxed.converged)
     assert bool(control.solve(prob, -jnp.ones((4, 1)), method).converged)  # the global one
+
+
+def _near_pendulum(a, b, c, r, x0):
+    dt = 0.05
+
+    def f(x, u, k):
+        w = x[1] + dt * (-a * jnp.sin(x[0]) - b * x[1] + c * u[0])
+        return jnp.stack([x[0] + dt * w, w])
+
+    def ell(x, u, k):
+        return dt * ((x[0] - jnp.pi) ** 2 + 0.1 * x[1] ** 2 + r * u[0] ** 2)
+
+    return control.ControlProblem(
+        f, ell, lambda x: 10 * (x[0] - jnp.pi) ** 2 + x[1] ** 2, x0, 20, control_size=1
+    )
+
+
+def test_ilqr_warm_started_next_to_the_optimum_converges():
+    """A warm start next to the optimum (as in MPC and in learning loops): the cost change
+    of the full Newton step is below C's rounding, and iLQR must take it instead of
+    halving α and cycling μ until max_steps (a regression)."""
+    x0 = jnp.array([3.173928065445097, -0.5689103625128569])
+    u_star = control.solve(_near_pendulum(10.0, 1.0, 2.0, 0.5, x0), jnp.zeros((20, 1))).controls
+    p = (9.999305217102062, 0.9997768975257573, 1.9998765732507748, 0.5000491727254672)
+    sol = control.solve(_near_pendulum(*p, x0), u_star, throw=False)
+    assert bool(sol.converged), sol.message
+    assert int(sol.iterations) <= 5

@@ -278,7 +278,13 @@ class ILQR(AbstractMethod):
                 alpha = jnp.asarray(0.5, dtype) ** j
                 un, cn = forward(Xs, u, du, K, alpha)
                 expected = -(alpha * dV[0] + alpha**2 * dV[1])
-                accepted = jnp.isfinite(cn) & (cn <= c - 1e-4 * jnp.maximum(expected, 0))
+                decrease = cn <= c - 1e-4 * jnp.maximum(expected, 0)
+                # next to the optimum the change of C is below its rounding: take the
+                # full (Newton) step, which still shrinks the gradient, rather than
+                # halving α and cycling μ until the budget runs out
+                rounding = 16 * jnp.finfo(dtype).eps * (1 + jnp.abs(c))
+                flat = (j == 0) & (jnp.abs(cn - c) <= rounding) & (expected <= rounding)
+                accepted = jnp.isfinite(cn) & (decrease | flat)
                 return j + 1, un, cn, accepted
 
             _, un, cn, accepted = jax.lax.while_loop(
