@@ -207,20 +207,11 @@ class ILQR(AbstractMethod):
         if isinstance(self.backward, ParallelRiccati):
             finite = jnp.isfinite(problem.lower).any() | jnp.isfinite(problem.upper).any()
             u0 = eqx.error_if(u0, finite, _BOUNDED_PARALLEL)
-        P, n = problem.x0.shape
         N = problem.horizon
         dtype = u0.dtype
         ks = jnp.arange(N, dtype=jnp.int32)
         X0 = problem.x0.reshape(-1)
-
-        def F(X, u, k):
-            return jax.vmap(problem.f, (0, None, None))(X.reshape(P, n), u, k).reshape(-1)
-
-        def L(X, u, k):
-            return jnp.sum(jax.vmap(problem.ell, (0, None, None))(X.reshape(P, n), u, k))
-
-        def Phi(X):
-            return jnp.sum(jax.vmap(problem.phi)(X.reshape(P, n)))
+        F, L, Phi = problem.stacked()
 
         def rollout(u):
             def step(X, inp):

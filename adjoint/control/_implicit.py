@@ -80,22 +80,6 @@ class KKTLinearisation(eqx.Module):
     weakly_active: Int[Array, ""]
 
 
-def _stacked(problem: ControlProblem):
-    """F, L, Φ on the state stacked over the batch of initial states (as in `ILQR`)."""
-    P, n = problem.x0.shape
-
-    def F(X, u, k):
-        return jax.vmap(problem.f, (0, None, None))(X.reshape(P, n), u, k).reshape(-1)
-
-    def L(X, u, k):
-        return jnp.sum(jax.vmap(problem.ell, (0, None, None))(X.reshape(P, n), u, k))
-
-    def Phi(X):
-        return jnp.sum(jax.vmap(problem.phi)(X.reshape(P, n)))
-
-    return F, L, Phi
-
-
 def residual(problem: ControlProblem, X, u, lam):
     """The KKT residual of the module docstring (before the active-set split of ∂L/∂u),
     and the Lagrangian L, at stacked states X (N+1, n), controls u (N, m), costates
@@ -104,7 +88,7 @@ def residual(problem: ControlProblem, X, u, lam):
     **Returns:** `((r_dyn, r_cost, r_u), L)`, with r_dyn, r_cost of shape (N+1, n) and
     r_u = H_u of shape (N, m).
     """
-    F, L, Phi = _stacked(problem)
+    F, L, Phi = problem.stacked()
     ks = jnp.arange(problem.horizon, dtype=jnp.int32)
 
     def H(Xk, uk, lam_next, k):
@@ -137,7 +121,7 @@ def active_set(problem: ControlProblem, u, Hu, tolerance):
 def linearise(problem: ControlProblem, X, u, lam, tolerance=None, *, free=None, lower=None):
     """The LQ data and Riccati gains at a solution (stacked X, λ; see `residual`), with
     the active set from `active_set(…, tolerance)` or given as `free`, `lower`."""
-    F, L, Phi = _stacked(problem)
+    F, L, Phi = problem.stacked()
     ks = jnp.arange(problem.horizon, dtype=jnp.int32)
 
     def stage(Xk, uk, lam_next, k):

@@ -348,6 +348,24 @@ class ControlProblem(eqx.Module):
         """φ(x) in the problem's dtype."""
         return jnp.asarray(self.terminal_cost(x), self.dtype)
 
+    def stacked(self):
+        """(F, L, Φ): f, ℓ summed and φ summed over the batch of initial states, on the
+        stacked state X = (X_1, …, X_P) of size P·n (one system with a block-diagonal
+        f_X, whose controls serve every initial state), as `ILQR` and the implicit
+        derivative see the problem."""
+        P, n = self.x0.shape
+
+        def F(X, u, k):
+            return jax.vmap(self.f, (0, None, None))(X.reshape(P, n), u, k).reshape(-1)
+
+        def L(X, u, k):
+            return jnp.sum(jax.vmap(self.ell, (0, None, None))(X.reshape(P, n), u, k))
+
+        def Phi(X):
+            return jnp.sum(jax.vmap(self.phi)(X.reshape(P, n)))
+
+        return F, L, Phi
+
     def _terminal(self, z_final: Float[Array, "P n+1"]) -> Scalar:
         n = self.state_size
         return jnp.sum(z_final[:, n]) + jnp.sum(jax.vmap(self.phi)(z_final[:, :n]))
