@@ -178,9 +178,9 @@ def _problem(
 
 def _check_costs(problem: _Problem, params, x0) -> None:
     for name, out in (
-        ("terminal_cost", jax.eval_shape(problem.terminal_cost, x0)),
-        ("running_cost", jax.eval_shape(problem.running_cost, problem.t0, x0, params)),
-        ("vector_field", jax.eval_shape(problem.vector_field, problem.t0, x0, params)),
+        ("terminal_cost", eqx.filter_eval_shape(problem.terminal_cost, x0)),
+        ("running_cost", eqx.filter_eval_shape(problem.running_cost, problem.t0, x0, params)),
+        ("vector_field", eqx.filter_eval_shape(problem.vector_field, problem.t0, x0, params)),
     ):
         expected = x0.shape if name == "vector_field" else ()
         if getattr(out, "shape", None) != expected:

@@ -1,6 +1,7 @@
 """Continuous-time costates (Hamilton's equations) against diffrax's own adjoints."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
@@ -114,3 +115,23 @@ def test_errors(problem):
         adj.costate_ode(_vector_field, params, x0, **dict(kwargs, terminal_cost=lambda x: x))
     with pytest.raises(Exception, match="max_steps|maximum number of solver steps"):
         adj.costate_ode(_vector_field, params, x0, **dict(kwargs, max_steps=3))
+
+
+def test_any_pytree_parameters():
+    """An `eqx.nn.MLP` (non-array leaves: its activation functions) as W: its arrays are
+    differentiated, the rest is static; checked against `jax.grad` through diffrax."""
+    mlp = eqx.nn.MLP(2, 2, 8, 1, activation=jnp.tanh, key=jax.random.key(0), dtype=jnp.float64)
+    vf = lambda t, x, w: w(x)
+    x0 = jnp.array([0.5, -0.2])
+    kw = dict(t0=0.0, t1=1.0, dt0=0.01, terminal_cost=lambda x: jnp.sum(x**2))
+    sol = adj.costate_ode(vf, mlp, x0, **kw)
+    g = eqx.filter_grad(lambda m: adj.trajectory_cost(vf, m, x0, **kw))(mlp)
+
+    def reference(m):
+        term = diffrax.ODETerm(lambda t, x, args: m(x))
+        ys = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 0.01, x0).ys
+        return jnp.sum(ys[-1] ** 2)
+
+    ref = eqx.filter_grad(reference)(mlp)
+    assert tree_max_rel_error(eqx.filter(sol.grads, eqx.is_array), ref) < 1e-6
+    assert tree_max_rel_error(eqx.filter(g, eqx.is_array), ref) < 1e-6
