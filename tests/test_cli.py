@@ -99,6 +99,9 @@ def test_demo_trains_and_checks_gradients(tmp_path, capsys):
         (["train", "xor", "--steps", "0"], "positive integer"),
         (["train", "xor", "--precision", "16"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
+        (["control", "pendulum", "--max-steps", "-1"], "positive integer"),
+        (["control", "pendulum", "--horizon", "0"], "positive integer"),
+        (["control", "nosuchproblem"], "invalid choice"),
     ],
 )
 def test_bad_options_are_one_line(argv, message, capsys):
@@ -129,6 +132,15 @@ def test_library_errors_are_one_line(tmp_path, capsys):
     rc = cli.main(["train", "xor", "--device", "tpu", "--out", str(tmp_path), "--precision", "64"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "'tpu' is not available" in err
+
+
+def test_control_bad_out_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    rc = cli.main(["control", "lqr", "--horizon", "3", "--out", str(a_file / "sub")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "cannot create the output directory" in err
 
 
 def test_control_subcommand(capsys):

@@ -13,6 +13,16 @@ import pathlib
 METHODS = ("ilqr", "ddp", "projected-gradient", "sgd", "adam")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `control` subcommand on an `argparse` subparsers object."""
     from ..problems import PROBLEMS
@@ -29,9 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("name", metavar="NAME", choices=sorted(PROBLEMS), help="problem")
     parser.add_argument("--out", default=".", help="directory for NAME.png and NAME.json")
     parser.add_argument("--method", default="ilqr", choices=METHODS)
-    parser.add_argument("--horizon", type=int, default=None, help="N (default: the problem's)")
+    parser.add_argument(
+        "--horizon", type=_positive_int, default=None, help="N (default: the problem's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial controls")
-    parser.add_argument("--max-steps", type=int, default=None, help="iteration budget")
+    parser.add_argument("--max-steps", type=_positive_int, default=None, help="iteration budget")
     parser.add_argument("--x64", action="store_true", help="solve in float64")
     parser.set_defaults(func=run)
     return parser
@@ -81,7 +93,13 @@ def run(args: argparse.Namespace) -> dict:
     sol = solve(problem, u_init, method, throw=False)  # the summary reports convergence
 
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a one-line error (exit status 2), not a traceback
+        raise ValueError(
+            f"cannot create the output directory {str(out)!r} ({err.strerror})"
+        ) from None
+
     states = np.asarray(sol.states).reshape(problem.horizon + 1, -1)
     costates = np.asarray(sol.costates).reshape(problem.horizon + 1, -1)
     controls = np.asarray(sol.controls)
