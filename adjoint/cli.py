@@ -133,7 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run the benchmark suite",
         description="Run the benchmark suite (python -m benchmarks); results go to "
-        "benchmarks/results/.",
+        "./adjoint-bench/ (or --out DIR); --update-results rewrites the committed tables "
+        "in benchmarks/results/.",
     )
     bench.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     bench.epilog = "Other options (e.g. --only fit) are passed on to python -m benchmarks."

@@ -1,8 +1,10 @@
 """Run every benchmark suite: `python -m benchmarks [--quick] [--only NAME ...]`.
 
 Each suite is a module `benchmarks/<name>.py` with `run(quick: bool) -> dict` that writes
-`results/<name>.json` and `results/<name>.md`; this entry point runs them in turn with a
-progress bar and writes `results/summary.md` (all tables, with device and versions).
+`<name>.json` and `<name>.md` (and PNG plots); this entry point runs them in turn with a
+progress bar and writes `summary.md` (all tables, with device and versions). Results go
+to `./adjoint-bench/` in the working directory (or `--out DIR`); the committed tables in
+`benchmarks/results/` change only with `--update-results`.
 """
 
 import argparse
@@ -65,14 +67,19 @@ def main(argv=None) -> int:
         default=None,
         help="JAX platform to run on (default: JAX's choice)",
     )
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--out",
-        default=None,
-        help="directory for JSON, Markdown and PNG (default: benchmarks/results)",
+        default="adjoint-bench",
+        help="directory for JSON, Markdown and PNG (default: ./adjoint-bench)",
+    )
+    where.add_argument(
+        "--update-results",
+        action="store_true",
+        help=f"write into the committed tables, {_common.COMMITTED}",
     )
     args = parser.parse_args(argv)
-    if args.out is not None:
-        _common.RESULTS = Path(args.out).resolve()
+    _common.RESULTS = _common.COMMITTED if args.update_results else Path(args.out).resolve()
     if args.device is not None:
         import jax
 

@@ -2,11 +2,22 @@
 
 import json
 
+from benchmarks import _common
 from benchmarks.__main__ import main
 
 
-def test_quick_costate_suite_writes_results(tmp_path):
-    assert main(["--quick", "--only", "costate", "--out", str(tmp_path)]) == 0
+def _committed_tables():
+    return {p.name: p.read_bytes() for p in sorted(_common.COMMITTED.iterdir())}
+
+
+def test_quick_costate_suite_writes_results(tmp_path, monkeypatch):
+    """By default results go to ./adjoint-bench in the working directory; the committed
+    tables are left untouched."""
+    before = _committed_tables()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quick", "--only", "costate"]) == 0
+    assert _committed_tables() == before
+    tmp_path = tmp_path / "adjoint-bench"
     data = json.loads((tmp_path / "costate_quick.json").read_text())
     assert data["metadata"]["jax"] and data["sizes"]["width"] == 64
     for row in data["timings"]:
