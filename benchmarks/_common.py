@@ -22,7 +22,7 @@ def metadata() -> dict:
 
     dev = jax.devices()[0]
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": f"{dev.platform}: {getattr(dev, 'device_kind', dev.platform)}",
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
