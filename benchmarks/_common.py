@@ -33,17 +33,24 @@ def metadata() -> dict:
     }
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time (s) of each zero-argument function, run A B C A B C ... after one
-    warm-up call each, with `block_until_ready`, so that machine drift hits all alike."""
+def _interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
+    """Wall times (s) of each zero-argument function, run A B C A B C ... after `warmup`
+    calls each, with `block_until_ready`, so that machine drift hits all alike."""
     for f in fns.values():
-        jax.block_until_ready(f())
+        for _ in range(warmup):
+            jax.block_until_ready(f())
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, f in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(f())
             times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each zero-argument function, timed interleaved."""
+    times = _interleaved_times(fns, repeats)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -60,15 +67,7 @@ def interleaved_ratios(
     rounds of t_a / t_b}, "repeats": repeats}` for each `label: (a, b)` of `pairs`. The
     ratio of the same round's times is robust to drift of the machine's speed that hits
     a whole round (other jobs, frequency scaling), which a ratio of medians is not."""
-    for f in fns.values():
-        for _ in range(warmup):
-            jax.block_until_ready(f())
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[name].append(time.perf_counter() - t0)
+    times = _interleaved_times(fns, repeats, warmup)
     return {
         "median_s": {name: statistics.median(ts) for name, ts in times.items()},
         "ratio": {

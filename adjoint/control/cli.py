@@ -13,18 +13,9 @@ import pathlib
 METHODS = ("ilqr", "ddp", "projected-gradient", "sgd", "adam")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `control` subcommand on an `argparse` subparsers object."""
+    from ..cli import _positive_int
     from ..problems import PROBLEMS
 
     parser = subparsers.add_parser(
