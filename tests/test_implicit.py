@@ -390,3 +390,14 @@ def test_mpc_closed_loop_and_its_gradient():
     assert np.allclose(g, _fd(loss, PEND), rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="one initial state"):
         mpc(_pendulum(PEND, x0=jnp.zeros((2, 2))))
+    with pytest.raises(ValueError, match=r"x0 must have shape \(n,\) = \(2,\); got \(3,\)"):
+        mpc(_pendulum(PEND), x0=jnp.zeros(3))
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        control.MPC(steps=0)
+    unsized = control.ControlProblem(
+        Pendulum(jnp.asarray(9.8), jnp.asarray(0.1)), _running, _terminal, jnp.zeros(2), 4
+    )
+    with pytest.raises(ValueError, match="MPC: the control size is unknown"):
+        mpc(unsized)
+    with pytest.raises(ValueError, match="u_init has 2 controls per stage, the problem 1"):
+        _pendulum(PEND).with_control_size(2)

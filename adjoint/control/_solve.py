@@ -245,10 +245,11 @@ def _run(problem: ControlProblem, u0: Array, method: AbstractMethod, tol: float)
 
 @eqx.filter_jit
 def _finish(problem, u, history, iterations, result, tol, pontryagin, throw) -> Solution:
-    cost, states, costates, kkt = analyse(_constant(problem), u, tol)
+    fixed = _constant(problem)  # the analysis is not differentiated: `attach` is
+    cost, states, costates, kkt = analyse(fixed, u, tol)
     N1, P, n = states.shape
     X, lam = states.reshape(N1, P * n), -costates.reshape(N1, P * n)
-    lin = linearise(_constant(problem), X, u, lam, kkt.tolerance)
+    lin = linearise(fixed, X, u, lam, kkt.tolerance)
     checks = kkt.ok if pontryagin else kkt.kkt_ok
     converged = (result == SUCCESS) & checks & jnp.isfinite(cost)
     solution = (u, X, lam, cost)
