@@ -1,6 +1,6 @@
 """The `adjoint` command.
 
-    adjoint demo                 train a small multistage net with the costate recursion,
+    adjoint demo [--quick]       train a small multistage net with the costate recursion,
                                  check its gradients, plot the loss
     adjoint train TASK           train on a built-in task (see `adjoint train --help`);
                                  `adjoint train imitation` learns a planner's model and
@@ -8,14 +8,19 @@
     adjoint control NAME         solve a classic optimal-control problem
     adjoint bench [--quick]      run the benchmark suite
 
-`python -m adjoint` runs the same command. Bad options give one line on stderr and exit
-status 2.
+`python -m adjoint` runs the same command. Every user error (a bad option, number, name
+or output directory) is one line on stderr and exit status 2, never a traceback.
 """
 
 import argparse
+import ast
+import importlib.util
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 import time
 
 
@@ -23,14 +28,29 @@ class _CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line on stderr (`PROG: error: ...`, exit
+    status 2) instead of a usage block; `--help` still shows the usage. Subparsers
+    inherit the class."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())  # one line, whatever argparse composed
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _common(
-    p: argparse.ArgumentParser, *, steps: int | None, precision: str | None, out: str
+    p: argparse.ArgumentParser,
+    *,
+    steps: int | None,
+    precision: str | None,
+    out: str | None,
+    steps_help: str | None = None,
 ) -> None:
     p.add_argument(
         "--steps",
         type=_positive_int,
         default=steps,
-        help="optimiser steps" + (f" (default {steps})" if steps else " (default: the task's)"),
+        help="optimiser steps (default: " + (steps_help or "the task's") + ")",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
@@ -45,8 +65,15 @@ def _common(
         default=precision,
         help=f"floating-point bits (default {precision or '32; 64 for imitation'})",
     )
-    p.add_argument("--out", default=out, help=f"output directory (default {out})")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument(
+        "--out",
+        default=out,
+        metavar="DIR",
+        help=f"output directory, created if missing (default {out or 'adjoint-train/TASK'})",
+    )
+    p.add_argument(
+        "--lr", type=_positive_float, default=None, help="Adam learning rate (default: the task's)"
+    )
     p.add_argument(
         "--batch-size", type=_positive_int, default=None, help="patterns per step (default: all)"
     )
@@ -68,10 +95,49 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _bench_suites() -> tuple[str, ...] | None:
+    """The suite names of `python -m benchmarks` (its SUITES tuple, read without importing
+    it: that would import JAX), or None outside a source checkout."""
+    try:
+        spec = importlib.util.find_spec("benchmarks")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        try:
+            with open(os.path.join(folder, "__main__.py"), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+                "SUITES"
+            ]:
+                try:
+                    return tuple(ast.literal_eval(node.value))
+                except ValueError:
+                    return None
+    return None
+
+
+DEMO_QUICK = {"steps": 300, "hidden": 16}  # `adjoint demo --quick`
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from .tasks import TASKS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="adjoint",
         description="Back-propagation as the costate recursion of a Lagrangian (LeCun, 1988).",
     )
@@ -83,14 +149,28 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train a small net with the costate recursion and check its gradients",
         description="Train a 2-32-32-1 tanh multistage net on two spirals with the costate "
         "recursion (fit + Adam), print the loss falling, compare the costate gradients "
-        "with jax.grad and finite differences, and write a loss plot.",
+        "with jax.grad and finite differences, and write a loss plot (adjoint-demo/loss.png). "
+        f"--quick runs the same demonstration with {DEMO_QUICK['steps']} steps and "
+        f"2-{DEMO_QUICK['hidden']}-{DEMO_QUICK['hidden']}-1.",
     )
-    _common(demo, steps=1500, precision="64", out="adjoint-demo")
+    _common(
+        demo,
+        steps=None,
+        precision="64",
+        out="adjoint-demo",
+        steps_help=f"1500; {DEMO_QUICK['steps']} with --quick",
+    )
     demo.add_argument(
         "--task",
         choices=["spirals", "parity"],
         default="spirals",
-        help="data set (default spirals)",
+        help="data set: spirals or parity (default spirals)",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a faster demonstration: {DEMO_QUICK['steps']} steps and "
+        f"{DEMO_QUICK['hidden']} units per hidden layer (default: 1500 steps, 32 units)",
     )
 
     train = sub.add_parser(
@@ -98,18 +178,25 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train on a built-in task",
         description="Train a multistage net on a built-in task generated in code, print "
         "progress, write a loss plot (loss.png), the metrics (history.json) and "
-        "checkpoints (checkpoints/; a rerun resumes from the newest valid one). The "
-        "imitation task learns a planner instead and writes imitation.png and "
-        "imitation.json.",
+        "checkpoints (checkpoints/; a rerun resumes from the newest valid one, --fresh "
+        "starts over) into adjoint-train/TASK/ (or --out DIR). The imitation task learns "
+        "a planner instead and writes imitation.png and imitation.json.",
         epilog="tasks: "
         + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values())
         + f"; imitation: {IMITATION}",
     )
     names = [*TASKS, "imitation"]
-    train.add_argument("task", metavar="TASK", choices=sorted(names), help=", ".join(names))
-    _common(train, steps=None, precision=None, out="adjoint-train")
+    train.add_argument(
+        "task", metavar="TASK", choices=sorted(names), help="one of: " + ", ".join(names)
+    )
+    _common(train, steps=None, precision=None, out=None)
     train.add_argument(
         "--checkpoint-every", type=_positive_int, default=None, help="steps between checkpoints"
+    )
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: delete the task's checkpoints in the output directory first",
     )
 
     try:
@@ -129,15 +216,45 @@ def _build_parser() -> argparse.ArgumentParser:
         add_control(sub)
     parser.set_defaults(_run_control=run_control)
 
+    suites = _bench_suites()
     bench = sub.add_parser(
         "bench",
         help="run the benchmark suite",
-        description="Run the benchmark suite (python -m benchmarks); results go to "
-        "./adjoint-bench/ (or --out DIR); --update-results rewrites the committed tables "
-        "in benchmarks/results/.",
+        description="Run the benchmark suite (python -m benchmarks, from a source checkout); "
+        "results go to ./adjoint-bench/ (or --out DIR); --update-results rewrites the "
+        "committed tables in benchmarks/results/. --quick takes about 2.5 minutes on a "
+        "2-core CPU; the full sizes take much longer.",
+        epilog="suites: "
+        + (", ".join(suites) if suites else "(none found: run from a source checkout)"),
     )
-    bench.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    bench.epilog = "Other options (e.g. --only fit) are passed on to python -m benchmarks."
+    bench.add_argument(
+        "--quick", action="store_true", help="small sizes (about 2.5 minutes on a 2-core CPU)"
+    )
+    bench.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SUITE",
+        choices=suites,
+        help="run only these suites" + (": " + ", ".join(suites) if suites else ""),
+    )
+    bench.add_argument(
+        "--device",
+        choices=("cpu", "gpu", "tpu"),
+        default=None,
+        help="JAX platform to run on (default: JAX's choice)",
+    )
+    where = bench.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="directory for JSON, Markdown and PNG (default ./adjoint-bench)",
+    )
+    where.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write into the committed tables in benchmarks/results/",
+    )
     return parser
 
 
@@ -145,13 +262,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _make_out(path: str) -> None:
-    """Create the output directory (a one-line error when it cannot be written)."""
+    """Create the output directory and check that a file can be written there (a one-line
+    error otherwise; `os.access` alone would pass for root on a read-only place)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _CLIError(f"the output directory {path!r} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
-        raise _CLIError(f"cannot create the output directory {path!r} ({err.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise _CLIError(f"the output directory {path!r} is not writable")
+        raise _CLIError(
+            f"cannot create the output directory {path!r} ({err.strerror or err})"
+        ) from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise _CLIError(
+            f"the output directory {path!r} is not writable ({err.strerror or err})"
+        ) from None
 
 
 def _setup_jax(args):
@@ -242,6 +369,7 @@ def _plot(history, path, title, extra=None):
 
 
 def _cmd_demo(args) -> int:
+    _make_out(args.out)
     devices, dtype = _setup_jax(args)
     import equinox as eqx
     import jax.numpy as jnp
@@ -251,9 +379,11 @@ def _cmd_demo(args) -> int:
 
     from .tasks import TASKS
 
+    hidden = DEMO_QUICK["hidden"] if args.quick else 32
+    if args.steps is None:
+        args.steps = DEMO_QUICK["steps"] if args.quick else 1500
     base = TASKS[args.task]
-    task = base._replace(sizes=(base.sizes[0], 32, 32, 1), batch_size=None)
-    _make_out(args.out)
+    task = base._replace(sizes=(base.sizes[0], hidden, hidden, 1), batch_size=None)
     print(
         f"adjoint demo: {task.sizes} tanh Multistage on {args.task} "
         f"(float{args.precision}, {len(devices)} {devices[0].platform} device(s)); "
@@ -296,22 +426,35 @@ def _cmd_train(args) -> int:
     if args.task == "imitation":
         return _cmd_imitation(args)
     args.precision = args.precision or "32"
+    _make_out(args.out)
+    ckpt_dir = os.path.join(args.out, "checkpoints")
+    if args.fresh:
+        _clear_checkpoints(ckpt_dir)
     devices, dtype = _setup_jax(args)
     from .tasks import TASKS
 
     task = TASKS[args.task]
     steps = args.steps if args.steps is not None else task.steps
-    _make_out(args.out)
-    ckpt_dir = os.path.join(args.out, "checkpoints")
     print(
         f"adjoint train {task.name}: {task.description}; {steps} steps, "
         f"float{args.precision}, {len(devices)} {devices[0].platform} device(s)"
+        + ("; starting fresh" if args.fresh else "")
     )
     every = args.checkpoint_every or max(1, steps // 8)
     t0 = time.perf_counter()
-    _, _, result = _train(
-        args, task, dtype, devices, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=every
-    )
+    try:
+        _, _, result = _train(
+            args, task, dtype, devices, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=every
+        )
+    except ValueError as err:
+        beyond = re.search(r"checkpoint (.+) is at step (\d+), beyond steps=", str(err))
+        if beyond is None:
+            raise
+        path, at = beyond.groups()
+        raise _CLIError(
+            f"the checkpoint {path} is at step {at}, beyond --steps {steps}: pass --steps "
+            f"{at} or more to continue it, or --fresh to start over"
+        ) from None
     if result.resumed_from is not None:
         print(f"(resumed from the checkpoint at step {result.resumed_from})")
     print(f"done: {result.step} steps in {time.perf_counter() - t0:.1f} s")
@@ -322,6 +465,25 @@ def _cmd_train(args) -> int:
         json.dump(hist, f)
     print(f"wrote {path}, {os.path.join(args.out, 'history.json')} and {result.checkpoint}")
     return 0
+
+
+def _clear_checkpoints(directory: str) -> None:
+    """`--fresh`: delete the checkpoint files (and stale temporary files) of `directory`,
+    nothing else."""
+    from ._checkpoint import list_checkpoints
+
+    stale = []
+    if os.path.isdir(directory):
+        stale = [
+            os.path.join(directory, name)
+            for name in os.listdir(directory)
+            if name.startswith(".ckpt-") and name.endswith(".tmp")
+        ]
+    try:
+        for path in [p for _, p in list_checkpoints(directory)] + stale:
+            os.unlink(path)
+    except OSError as err:
+        raise _CLIError(f"--fresh: cannot delete {err.filename} ({err.strerror})") from None
 
 
 IMITATION = (
@@ -342,9 +504,8 @@ def _cmd_imitation(args) -> int:
         if value is not None:
             raise _CLIError(f"{flag} does not apply to the imitation task")
     lr = 0.1 if args.lr is None else args.lr
-    if not lr > 0:
-        raise _CLIError(f"--lr must be positive, got {lr}")
     args.precision = args.precision or "64"
+    _make_out(args.out)  # --fresh: nothing to clear, the imitation task keeps no checkpoints
     devices, dtype = _setup_jax(args)
     import jax
     import matplotlib
@@ -357,7 +518,6 @@ def _cmd_imitation(args) -> int:
 
     steps = 300 if args.steps is None else args.steps
     n_experts = 16
-    _make_out(args.out)
     print(
         f"adjoint train imitation: learn a pendulum planner's model and cost weight from "
         f"{n_experts} expert plans (N = {imitation.HORIZON}); {steps} Adam steps (lr {lr}), "
@@ -427,6 +587,8 @@ def _cmd_imitation(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.out is not None:
+        _make_out(args.out)
     try:
         from benchmarks.__main__ import main as bench_main
     except ImportError as err:
@@ -434,18 +596,29 @@ def _cmd_bench(args) -> int:
             f"the benchmark suite is not available ({err}); run 'adjoint bench' from a "
             "source checkout of adjoint"
         ) from None
-    argv = (["--quick"] if args.quick else []) + list(args.rest)
+    argv = ["--quick"] if args.quick else []
+    if args.only:
+        argv += ["--only", *args.only]
+    if args.device is not None:
+        argv += ["--device", args.device]
+    if args.out is not None:
+        argv += ["--out", args.out]
+    if args.update_results:
+        argv += ["--update-results"]
     rc = bench_main(argv)
     return rc if isinstance(rc, int) else 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `adjoint` console script; returns the exit status."""
     parser = _build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.out is None:
+        args.out = os.path.join("adjoint-train", args.task)  # one folder per task
     from ._fit import NonFiniteLossError
 
     try:
@@ -460,13 +633,13 @@ def main(argv: list[str] | None = None) -> int:
             return rc if isinstance(rc, int) else 0
         parser.error(f"unknown command {args.command!r}")
     except _CLIError as err:
-        print(f"adjoint {args.command}: error: {err}", file=sys.stderr)
+        print(f"adjoint {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
-        print(f"adjoint {args.command}: {err}", file=sys.stderr)
+        print(f"adjoint {args.command}: {_one_line(err)}", file=sys.stderr)
         return 1
     except ValueError as err:
-        print(f"adjoint {args.command}: error: {err}", file=sys.stderr)
+        print(f"adjoint {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"adjoint {args.command}: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ and returns a summary dict.
 import argparse
 import json
 import pathlib
+import sys
 
 
 METHODS = ("ilqr", "ddp", "projected-gradient", "sgd", "adam")
@@ -18,18 +19,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..cli import _positive_int
     from ..problems import PROBLEMS
 
+    names = sorted(PROBLEMS)
     parser = subparsers.add_parser(
         "control",
         help="solve a classic optimal-control problem and plot X, u, B",
         description=(
             "Solve a discrete-time optimal-control problem from adjoint.problems and save "
             "a plot of its states X(k), controls u(k), costates B(k) = -dC/dX(k) and "
-            "Hamiltonian H(k)."
+            "Hamiltonian H(k). Problems: " + ", ".join(names) + "."
         ),
     )
-    parser.add_argument("name", metavar="NAME", choices=sorted(PROBLEMS), help="problem")
-    parser.add_argument("--out", default=".", help="directory for NAME.png and NAME.json")
-    parser.add_argument("--method", default="ilqr", choices=METHODS)
+    parser.add_argument(
+        "name", metavar="NAME", choices=names, help="the problem, one of: " + ", ".join(names)
+    )
+    parser.add_argument(
+        "--out",
+        default=".",
+        metavar="DIR",
+        help="directory for NAME.png and NAME.json, created if missing (default .)",
+    )
+    parser.add_argument(
+        "--method",
+        default="ilqr",
+        choices=METHODS,
+        help="solver, one of: " + ", ".join(METHODS) + " (default ilqr)",
+    )
     parser.add_argument(
         "--horizon", type=_positive_int, default=None, help="N (default: the problem's)"
     )
@@ -61,6 +75,9 @@ def _method(name: str, max_steps: int | None):
 
 def run(args: argparse.Namespace) -> dict:
     """Solve `args.name` and write `<out>/<name>.png` and `<out>/<name>.json`."""
+    from ..cli import _make_out
+
+    _make_out(args.out)  # before the solve: a bad --out is a one-line error at once
     import jax
 
     if args.x64:
@@ -84,12 +101,6 @@ def run(args: argparse.Namespace) -> dict:
     sol = solve(problem, u_init, method, throw=False)  # the summary reports convergence
 
     out = pathlib.Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a one-line error (exit status 2), not a traceback
-        raise ValueError(
-            f"cannot create the output directory {str(out)!r} ({err.strerror})"
-        ) from None
 
     states = np.asarray(sol.states).reshape(problem.horizon + 1, -1)
     costates = np.asarray(sol.costates).reshape(problem.horizon + 1, -1)
@@ -139,13 +150,13 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv=None) -> dict:
-    """Stand-alone entry (`python -m adjoint.control.cli NAME ...`)."""
-    parser = argparse.ArgumentParser(prog="adjoint")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+def main(argv=None) -> int:
+    """Stand-alone entry (`python -m adjoint.control.cli NAME ...`): the same as
+    `adjoint control NAME ...`, one-line errors included; returns the exit status."""
+    from ..cli import main as cli_main
+
+    return cli_main(["control", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
