@@ -13,6 +13,19 @@ by name (the `adjoint control NAME` command uses it). Known answers:
 - `zermelo`: a boat of speed V in the shear current (s·y, 0), heading θ(k), maximising
   the downstream distance x(N); Zermelo's navigation law gives
   tan θ(k) = (N − 1 − k) s Δt exactly in discrete time (`zermelo_heading`).
+
+With general constraints (`control.AugmentedLagrangian`, the multipliers on the
+`Solution`):
+
+- `goal_double_integrator`: minimum energy to stop exactly at a goal (terminal
+  equality); the answer is closed form: u(k) = (A^{N−1−k}B)ᵀ W⁻¹ (goal − A^N x0) with
+  the controllability Gramian W = Σ_k A^{N−1−k}B Bᵀ(A^{N−1−k})ᵀ, the goal's multiplier
+  ν_T = −r W⁻¹ (goal − A^N x0) (`goal_double_integrator_solution`).
+- `car_obstacle`: a kinematic car (it turns only while moving: at rest the linearisation
+  cannot move it sideways) that must reach a goal at rest around a circular obstacle
+  (a stage inequality); where the path touches the obstacle its multiplier is positive.
+- `cartpole_track`: the cart-pole swing-up with the cart confined to |p| ≤ a track
+  half-length (two stage inequalities) and the upright goal as a terminal equality.
 """
 
 from collections.abc import Callable
@@ -267,6 +280,142 @@ def zermelo_heading(horizon: int = 50, dt: float = 0.05, shear: float = 1.0) -> 
     return np.arctan((horizon - 1 - k) * shear * dt)
 
 
+# --------------------------------------------------------------------------- constraints
+
+
+def _double_integrator_matrices(dt: float):
+    A = np.array([[1.0, dt], [0.0, 1.0]])
+    B = np.array([[0.5 * dt**2], [dt]])
+    return A, B
+
+
+def goal_double_integrator(
+    horizon: int = 20,
+    dt: float = 0.1,
+    x0=(0.0, 0.0),
+    goal=(1.0, 0.0),
+    r: float = 1.0,
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """p'' = u (exact zero-order hold), C = Σ_k ½ r u(k)², and the terminal equality
+    X(N) = goal: stop exactly at the goal with the least control energy. See
+    `goal_double_integrator_solution` for the closed form."""
+    dtype = _dtype(dtype)
+    A, B = (np.asarray(M, dtype) for M in _double_integrator_matrices(dt))
+    goal = jnp.asarray(goal, dtype)
+    return ControlProblem(
+        lambda x, u, k: A @ x + B @ u,
+        lambda x, u, k: 0.5 * r * (u @ u),
+        lambda x: jnp.zeros((), x.dtype),
+        jnp.asarray(x0, dtype),
+        horizon,
+        control_size=1,
+        terminal_equality=lambda x: x - goal,
+    )
+
+
+def goal_double_integrator_solution(
+    horizon: int = 20, dt: float = 0.1, x0=(0.0, 0.0), goal=(1.0, 0.0), r: float = 1.0
+):
+    """The closed form of `goal_double_integrator` (NumPy, float64): with
+    G(k) = A^{N−1−k} B and W = Σ_k G(k)G(k)ᵀ, d = goal − A^N x0,
+
+        u(k) = G(k)ᵀ W⁻¹ d,   ν_T = −r W⁻¹ d,   B(k) = −(A^{N−k})ᵀ ν_T  (paper's sign).
+
+    **Returns:** `(u (N, 1), X (N+1, 2), B (N+1, 2), ν_T (2,))`.
+    """
+    A, B = _double_integrator_matrices(dt)
+    N = horizon
+    G = [np.linalg.matrix_power(A, N - 1 - k) @ B for k in range(N)]
+    W = sum(g @ g.T for g in G)
+    d = np.asarray(goal, float) - np.linalg.matrix_power(A, N) @ np.asarray(x0, float)
+    u = np.stack([g.T @ np.linalg.solve(W, d) for g in G])
+    X = [np.asarray(x0, float)]
+    for k in range(N):
+        X.append(A @ X[-1] + B @ u[k])
+    nu = -r * np.linalg.solve(W, d)
+    costates = np.stack([-np.linalg.matrix_power(A, N - k).T @ nu for k in range(N + 1)])
+    return u, np.stack(X), costates, nu
+
+
+def car_obstacle(
+    horizon: int = 25,
+    duration: float = 5.0,
+    goal=(3.0, 0.0),
+    obstacle=(1.5, 0.1),
+    radius: float = 0.6,
+    u_max=(2.0, 2.0),
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """A kinematic car, state (p_x, p_y, heading ψ, speed v), controls (curvature κ,
+    acceleration a), explicit Euler with Δt = duration / N:
+
+        p_x += Δt v cos ψ,  p_y += Δt v sin ψ,  ψ += Δt v κ,  v += Δt a,
+
+    from rest at the origin to rest at `goal` (terminal equality on (p_x, p_y, v)),
+    around the disc |p − obstacle| ≥ radius (stage inequality
+    h = radius² − |p − obstacle|² ≤ 0), with |κ|, |a| ≤ `u_max` and C = Σ ½ Δt |u|².
+    At rest (v = 0) the car cannot turn or move sideways: the linearisation at zero
+    controls is degenerate, as the issue's car is.
+    """
+    dtype = _dtype(dtype)
+    dt = duration / horizon
+    goal_ = jnp.asarray(goal, dtype)  # jnp: goal, obstacle and radius may be traced
+    centre = jnp.asarray(obstacle, dtype)
+
+    def dynamics(x, u, k):
+        px, py, psi, v = x[0], x[1], x[2], x[3]
+        return jnp.stack(
+            [
+                px + dt * v * jnp.cos(psi),
+                py + dt * v * jnp.sin(psi),
+                psi + dt * v * u[0],
+                v + dt * u[1],
+            ]
+        )
+
+    bound = np.asarray(u_max, dtype)
+    return ControlProblem(
+        dynamics,
+        lambda x, u, k: 0.5 * dt * (u @ u),
+        lambda x: jnp.zeros((), x.dtype),
+        jnp.zeros(4, dtype),
+        horizon,
+        -bound,
+        bound,
+        terminal_equality=lambda x: jnp.stack([x[0] - goal_[0], x[1] - goal_[1], x[3]]),
+        inequality=lambda x, u, k: jnp.reshape(radius**2 - jnp.sum((x[:2] - centre) ** 2), (1,)),
+    )
+
+
+def cartpole_track(
+    horizon: int = 50,
+    duration: float = 2.5,
+    track: float = 0.5,
+    u_max: float | None = 20.0,
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """The `cartpole` swing-up (same dynamics) with the upright rest state as a terminal
+    equality X(N) = (0, π, 0, 0), the cart confined to the track −track ≤ p ≤ track
+    (two stage inequalities), |u| ≤ u_max and C = Σ 0.01 Δt u²."""
+    base = cartpole(horizon, duration, u_max, dtype=dtype)
+    upright = np.asarray([0.0, np.pi, 0.0, 0.0], base.dtype)
+    return ControlProblem(
+        base.dynamics,
+        base.running_cost,
+        lambda x: jnp.zeros((), x.dtype),
+        base.x0[0],
+        horizon,
+        base.lower,
+        base.upper,
+        terminal_equality=lambda x: x - upright,
+        inequality=lambda x, u, k: jnp.stack([x[0] - track, -x[0] - track]),
+    )
+
+
 # --------------------------------------------------------------------------- registry
 
 PROBLEMS: dict[str, Callable[..., ControlProblem]] = {
@@ -275,6 +424,9 @@ PROBLEMS: dict[str, Callable[..., ControlProblem]] = {
     "cartpole": cartpole,
     "double_integrator": double_integrator,
     "zermelo": zermelo,
+    "goal_double_integrator": goal_double_integrator,
+    "car_obstacle": car_obstacle,
+    "cartpole_track": cartpole_track,
 }
 
 

@@ -12,6 +12,11 @@ residuals. The solution is differentiable with respect to every array in the pro
 """
 
 from ._base import AbstractMethod as AbstractMethod
+from ._constraints import (
+    AugmentedLagrangian as AugmentedLagrangian,
+    Multipliers as Multipliers,
+    constraint_values as constraint_values,
+)
 from ._ilqr import ILQR as ILQR, SequentialRiccati as SequentialRiccati, box_qp as box_qp
 from ._kkt import ControlKKT as ControlKKT, analyse as analyse
 from ._mpc import MPC as MPC, MPCTrajectory as MPCTrajectory
@@ -39,6 +44,7 @@ __all__ = [
     "AbstractCostates",
     "AbstractMethod",
     "AbstractRiccati",
+    "AugmentedLagrangian",
     "ControlKKT",
     "ControlProblem",
     "ControlStage",
@@ -46,6 +52,7 @@ __all__ = [
     "ILQR",
     "MPC",
     "MPCTrajectory",
+    "Multipliers",
     "ParallelCostates",
     "ParallelRiccati",
     "ProjectedGradient",
@@ -54,6 +61,7 @@ __all__ = [
     "Solution",
     "analyse",
     "box_qp",
+    "constraint_values",
     "parallel_costates",
     "parallel_riccati",
     "solve",

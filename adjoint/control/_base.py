@@ -15,13 +15,20 @@ MAX_STEPS = 1
 NONFINITE = 2
 STALLED = 3
 TARGET = 4
+INFEASIBLE = 5
 
 MESSAGES = {
-    SUCCESS: "the projected gradient fell below the tolerance",
+    SUCCESS: (
+        "the projected gradient (with constraints: the KKT residual) fell below the tolerance"
+    ),
     MAX_STEPS: "the maximum number of steps was reached before the tolerance",
     NONFINITE: "the cost or its gradient became non-finite (NaN or inf in the rollout)",
     STALLED: "the line search / regularisation could not decrease the cost further",
     TARGET: "the cost reached cost_target",
+    INFEASIBLE: (
+        "the constraints could not be satisfied: the violation stopped falling at the "
+        "maximum penalty (the problem may be infeasible)"
+    ),
 }
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Scalar
 
 from .._lagrangian import costates as _core_costates, kkt_residuals as _core_kkt
+from ._constraints import constraint_values, lagrangian_problem, plain_cost
 from ._problem import ControlProblem
 
 
@@ -50,6 +51,11 @@ class ControlKKT(eqx.Module):
     - `pontryagin_gap`: max over candidate controls v of H(k)(v) − H(k)(u(k)), per k; ≤ 0
       when u(k) maximises H(k) (up to the grid).
     - `tolerance`: the absolute tolerance used by `ok`, already scaled by (1 + |C|).
+    - For a problem with general constraints (`AugmentedLagrangian`), the gradient,
+      stationarity and costates are those of the full Lagrangian L = C + νᵀg + μᵀh + …,
+      and: `equality_violation` max |g|, `inequality_violation` max(h, 0) (primal
+      feasibility, ≤ `feasibility_tolerance`), `dual_infeasibility` max(−μ, 0),
+      `constraint_complementarity` max |μ ⊙ h| (both ≤ `tolerance`). Zero otherwise.
     """
 
     gradient: Float[Array, "N m"]
@@ -63,6 +69,11 @@ class ControlKKT(eqx.Module):
     hamiltonian: Float[Array, " N"]
     pontryagin_gap: Float[Array, " N"]
     tolerance: Scalar
+    equality_violation: Scalar = 0.0
+    inequality_violation: Scalar = 0.0
+    dual_infeasibility: Scalar = 0.0
+    constraint_complementarity: Scalar = 0.0
+    feasibility_tolerance: Scalar = 0.0
 
     @property
     def kkt_ok(self) -> Bool[Array, ""]:
@@ -74,6 +85,10 @@ class ControlKKT(eqx.Module):
             & (self.primal_infeasibility <= 0)
             & (self.forward_residual <= tol)
             & (self.backward_residual <= tol)
+            & (self.equality_violation <= self.feasibility_tolerance)
+            & (self.inequality_violation <= self.feasibility_tolerance)
+            & (self.dual_infeasibility <= tol)
+            & (self.constraint_complementarity <= tol)
         )
 
     @property
@@ -87,7 +102,13 @@ class ControlKKT(eqx.Module):
         return self.kkt_ok & self.pontryagin_ok
 
     def summary(self) -> str:
-        return (
+        constraints = (
+            f"equality violation {float(self.equality_violation):.2e}, "
+            f"inequality violation {float(self.inequality_violation):.2e}, "
+            f"dual infeasibility {float(self.dual_infeasibility):.2e}, "
+            f"constraint complementarity {float(self.constraint_complementarity):.2e}, "
+        )
+        return constraints + (
             f"stationarity {float(jnp.max(self.stationarity)):.2e}, "
             f"complementarity {float(self.complementarity):.2e}, "
             f"primal infeasibility {float(self.primal_infeasibility):.2e}, "
@@ -175,3 +196,39 @@ def analyse(problem: ControlProblem, u: Float[Array, "N m"], tol):
         tolerance=tolerance,
     )
     return value, states, b, kkt
+
+
+def analyse_constrained(problem: ControlProblem, u, multipliers, tol):
+    """`analyse` for a problem with general constraints at (u, multipliers): the
+    stationarity, costates and Pontryagin gap of the full Lagrangian (the core's
+    recursion on the cost ℓ + νᵀg + μᵀh, φ + ν_Tᵀg_T + μ_Tᵀh_T), and the constraint
+    rows' feasibility, dual feasibility and complementarity.
+
+    **Returns:** `(C, X(0..N), B(0..N), ControlKKT)` as `analyse`, C the cost itself.
+    """
+    lagr = lagrangian_problem(problem, multipliers)
+    _, states, b, kkt = analyse(lagr, u, tol)
+    X = states[:, 0]
+    cost = plain_cost(problem, u, X)
+    values = constraint_values(problem, u, X)
+    eq = jnp.concatenate([values.equality.reshape(-1), values.terminal_equality])
+    ineq = jnp.concatenate([values.inequality.reshape(-1), values.terminal_inequality])
+    mu = jnp.concatenate([multipliers.inequality.reshape(-1), multipliers.terminal_inequality])
+    kkt = eqx.tree_at(
+        lambda k: (
+            k.equality_violation,
+            k.inequality_violation,
+            k.dual_infeasibility,
+            k.constraint_complementarity,
+            k.feasibility_tolerance,
+        ),
+        kkt,
+        (
+            jnp.max(jnp.abs(eq), initial=0.0),
+            jnp.max(jnp.maximum(ineq, 0), initial=0.0),
+            jnp.max(jnp.maximum(-mu, 0), initial=0.0),
+            jnp.max(jnp.abs(mu * ineq), initial=0.0),
+            jnp.asarray(tol, cost.dtype),
+        ),
+    )
+    return cost, states, b, kkt

@@ -6,6 +6,8 @@ controls u(k) in the place of the weights W(k):
     X(k+1) = f(X(k), u(k), k),   k = 0..N-1,   X(0) = x0            (dynamics)
     C = Σ_p [ Σ_k ℓ(X_p(k), u(k), k) + φ(X_p(N)) ]                   (performance index)
     lower ≤ u(k) ≤ upper                                             (box bounds)
+    g(X(k), u(k), k) = 0,  h(X(k), u(k), k) ≤ 0,  g_T(X(N)) = 0,  h_T(X(N)) ≤ 0
+                                                                     (general constraints)
 
 The sum over p runs over a batch of initial states served by one control sequence.
 The running cost is carried as an extra state: stage k+1 maps the augmented state
@@ -152,6 +154,12 @@ class ControlProblem(eqx.Module):
     - `lower`, `upper`: box bounds on u (scalar, (m,) or (N, m); ±inf for one-sided).
     - `control_size`: m. When neither it nor a bound of shape (m,) or (N, m) gives m, it
       is taken from `u_init` by `solve` (`with_control_size`).
+    - `equality`, `inequality`: g(x, u, k) -> (p,) with g = 0, and h(x, u, k) -> (q,)
+      with h ≤ 0, for k = 0..N−1 (stage constraints on states and controls).
+    - `terminal_equality`, `terminal_inequality`: g_T(x) -> (p_T,) = 0 and
+      h_T(x) -> (q_T,) ≤ 0 on X(N). A problem with any of the four is solved by
+      `AugmentedLagrangian` (the default then) and its `Solution` carries their
+      multipliers (`control.Multipliers`). One initial state only (x0 of shape (n,)).
     - `adjoint`: how the underlying `Multistage` is differentiated (the core's
       `CostateAdjoint()` by default; `AutodiffAdjoint()` for the jax.grad baseline).
 
@@ -173,6 +181,11 @@ class ControlProblem(eqx.Module):
     batched: bool = eqx.field(static=True)
     control_size: int | None = eqx.field(static=True)
     adjoint: AbstractAdjoint
+    equality: Callable | None = None
+    inequality: Callable | None = None
+    terminal_equality: Callable | None = None
+    terminal_inequality: Callable | None = None
+    constraint_sizes: tuple[int, int, int, int] | None = eqx.field(static=True, default=None)
 
     def __init__(
         self,
@@ -186,6 +199,10 @@ class ControlProblem(eqx.Module):
         *,
         control_size: int | None = None,
         adjoint: AbstractAdjoint = CostateAdjoint(),
+        equality: Callable | None = None,
+        inequality: Callable | None = None,
+        terminal_equality: Callable | None = None,
+        terminal_inequality: Callable | None = None,
         _size_from: str | None = None,
     ):
         for name, fn in (
@@ -195,6 +212,17 @@ class ControlProblem(eqx.Module):
         ):
             if not callable(fn):
                 raise TypeError(f"ControlProblem: {name} must be callable, got {type(fn).__name__}")
+        constraints = {
+            "equality": equality,
+            "inequality": inequality,
+            "terminal_equality": terminal_equality,
+            "terminal_inequality": terminal_inequality,
+        }
+        for name, fn in constraints.items():
+            if fn is not None and not callable(fn):
+                raise TypeError(
+                    f"ControlProblem: {name} must be callable or None, got {type(fn).__name__}"
+                )
         if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
             raise ValueError(f"ControlProblem: horizon must be a positive int, got {horizon!r}")
         if not isinstance(adjoint, AbstractAdjoint):
@@ -225,6 +253,16 @@ class ControlProblem(eqx.Module):
         self.horizon = horizon
         self.control_size = m
         self.adjoint = adjoint
+        self.equality = equality
+        self.inequality = inequality
+        self.terminal_equality = terminal_equality
+        self.terminal_inequality = terminal_inequality
+        self.constraint_sizes = None
+        if any(fn is not None for fn in constraints.values()) and self.batched:
+            raise ValueError(
+                "ControlProblem: constraints need one initial state x0 of shape (n,); got a "
+                f"batch of shape {x0.shape}"
+            )
         if m is not None:
             source = _size_from or ("control_size" if control_size is not None else "the bounds")
             self._check_shapes(m, source)
@@ -249,6 +287,10 @@ class ControlProblem(eqx.Module):
             self.upper,
             control_size=m,
             adjoint=self.adjoint,
+            equality=self.equality,
+            inequality=self.inequality,
+            terminal_equality=self.terminal_equality,
+            terminal_inequality=self.terminal_inequality,
             _size_from=source,
         )
 
@@ -277,6 +319,49 @@ class ControlProblem(eqx.Module):
                     f"{shape if shape is not None else type(out).__name__}"
                 )
             object.__setattr__(self, name, _hoist(fn, args))
+        sizes = []
+        for name, args in (
+            ("equality", (x, u, k)),
+            ("inequality", (x, u, k)),
+            ("terminal_equality", (x,)),
+            ("terminal_inequality", (x,)),
+        ):
+            fn = getattr(self, name)
+            if fn is None:
+                sizes.append(0)
+                continue
+            try:
+                out = jax.eval_shape(fn, *args)
+            except Exception as err:
+                raise ValueError(
+                    f"ControlProblem: {name} failed on x of shape ({n},) and u of shape "
+                    f"({m},): {type(err).__name__}: {err}"
+                ) from None
+            shape = getattr(out, "shape", None)
+            if not isinstance(out, jax.ShapeDtypeStruct) or shape is None or len(shape) != 1:
+                got = shape if shape is not None else type(out).__name__
+                raise ValueError(
+                    f"ControlProblem: {name} must return a vector of constraint values of "
+                    f"shape (rows,); got {got}"
+                )
+            if shape[0] == 0:
+                raise ValueError(f"ControlProblem: {name} returns no rows; pass None instead")
+            sizes.append(shape[0])
+            object.__setattr__(self, name, _hoist(fn, args))
+        p, q, p_T, q_T = sizes
+        N = self.horizon
+        if N * p + p_T > N * m:
+            raise ValueError(
+                f"ControlProblem: {N * p + p_T} equality rows (horizon {N} × {p} stage + "
+                f"{p_T} terminal) exceed the {N * m} controls (horizon {N} × m = {m}): the "
+                "equalities over-determine the controls and cannot all hold in general"
+            )
+        if p_T > self.state_size:
+            raise ValueError(
+                f"ControlProblem: terminal_equality has {p_T} rows for a state of size "
+                f"{self.state_size}: at most n independent conditions on X(N)"
+            )
+        object.__setattr__(self, "constraint_sizes", tuple(sizes))
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -290,6 +375,19 @@ class ControlProblem(eqx.Module):
     @property
     def dtype(self):
         return self.x0.dtype
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the problem has general (equality or inequality) constraints."""
+        return any(
+            fn is not None
+            for fn in (
+                self.equality,
+                self.inequality,
+                self.terminal_equality,
+                self.terminal_inequality,
+            )
+        )
 
     @property
     def bounded(self) -> bool:

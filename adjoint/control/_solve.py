@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
+from . import _constraints
 from ._base import (
+    INFEASIBLE,
     MAX_STEPS,
     MESSAGES,
     NONFINITE,
@@ -26,8 +28,9 @@ from ._base import (
     stop_test,
     target_of,
 )
+from ._constraints import AugmentedLagrangian, Multipliers
 from ._implicit import attach, linearise
-from ._kkt import ControlKKT, analyse
+from ._kkt import ControlKKT, analyse, analyse_constrained
 from ._parallel import AbstractCostates, SequentialCostates
 from ._problem import ControlProblem
 
@@ -181,6 +184,14 @@ class Solution(eqx.Module):
     `controls`, `states`, `costates` and `cost` are differentiable with respect to every
     inexact array of the problem (implicit function theorem at the KKT point; see
     `adjoint.control._implicit`); the derivative is to be trusted where `derivative_ok`.
+
+    A problem with general constraints adds `multipliers` (`Multipliers`: ν for the
+    equalities, μ ≥ 0 for the inequalities, per row and stage, in L = C + νᵀg + μᵀh, so
+    dC*/d(right-hand side) = −ν, −μ); its `costates` are the Lagrangian's (B = −∂L/∂X,
+    the constraints' terms included), `multipliers` are differentiable too, and
+    `result` 5 means infeasible (see `message`). `hessian_ok` then says the Newton KKT
+    matrix at the solution is non-singular (second-order sufficiency on the active
+    constraints' null space is not checked).
     """
 
     controls: Float[Array, "N m"]
@@ -195,6 +206,7 @@ class Solution(eqx.Module):
     hessian_ok: Bool[Array, ""]
     min_pivot: Scalar
     weakly_active: Int[Array, ""]
+    multipliers: Multipliers | None = None
 
     @property
     def derivative_ok(self) -> Bool[Array, ""]:
@@ -206,7 +218,9 @@ class Solution(eqx.Module):
         text = MESSAGES.get(int(self.result), "unknown outcome")
         if int(self.result) == SUCCESS and not bool(self.converged):
             text += "; but the KKT / Pontryagin check failed: " + self.kkt.summary()
-        if not bool(self.hessian_ok):
+        if not bool(self.hessian_ok) and self.multipliers is not None:
+            text += f"; the KKT matrix is singular (σ_min {float(self.min_pivot):.2e})"
+        elif not bool(self.hessian_ok):
             text += (
                 f"; the reduced Hessian is not positive definite (min {float(self.min_pivot):.2e})"
             )
@@ -229,6 +243,7 @@ _THROW = (
     "concave in u)",
     "control.solve: the reduced Hessian on the free controls is not positive definite at "
     "the solution: not a strict local minimum, so its derivative is undefined",
+    f"control.solve: {MESSAGES[INFEASIBLE]}",
 )
 _THROW_HINT = " (pass throw=False for the flagged Solution)"
 
@@ -282,6 +297,60 @@ def _finish(problem, u, history, iterations, result, tol, pontryagin, throw) -> 
     )
 
 
+@eqx.filter_jit
+def _run_constrained(problem, u0, y0, method, tol):
+    crossed = jnp.any(problem.lower > problem.upper)
+    u0 = eqx.error_if(u0, crossed, "ControlProblem: lower > upper")
+    outside = (u0 < problem.lower) | (u0 > problem.upper)
+    u0 = eqx.error_if(u0, outside.any(), "u_init lies outside the bounds [lower, upper]")
+    return method.run(problem, u0, tol, y0)
+
+
+@eqx.filter_jit
+def _finish_constrained(problem, u, y, history, iterations, result, tol, throw) -> Solution:
+    fixed = _constant(problem)
+    mult = Multipliers.unflat(fixed, y)
+    _, _, _, kkt = analyse_constrained(fixed, u, mult, tol)
+    active = _constraints.active_set_at(fixed, u, y)
+    _, hess, _, J = _constraints._kkt_pieces(fixed, u, y)
+    M = _constraints.newton_matrix(fixed, hess, J, active)
+    singular_values = jnp.linalg.svd(M, compute_uv=False)
+    nonsingular = singular_values[-1] > 1e3 * jnp.finfo(u.dtype).eps * singular_values[0]
+    converged = (result == SUCCESS) & kkt.kkt_ok
+    solution = (u, y)
+    if throw:
+        index = jnp.where(
+            result == INFEASIBLE,
+            7,
+            jnp.where(result != SUCCESS, jnp.clip(result - 1, 0, 3), jnp.where(~kkt.kkt_ok, 4, 6)),
+        )
+        failed = ~(converged & nonsingular)
+        solution = eqx.branched_error_if(solution, failed, index, [m + _THROW_HINT for m in _THROW])
+    u, y = _constraints.attach(problem, solution, active)
+    mult = Multipliers.unflat(problem, y)
+    X = _constraints.rollout(problem, u)
+    lam = _constraints.lagrangian_costates(problem, mult, X, u)
+    cost = _constraints.plain_cost(problem, u, X)
+    weakly = jnp.sum(
+        (active.lower | active.upper) & (jnp.abs(kkt.gradient) <= kkt.tolerance)
+    ) + jnp.sum(active.rows & ~_constraints.equality_rows(fixed) & (jnp.abs(y) <= kkt.tolerance))
+    return Solution(
+        u,
+        X,
+        -lam,
+        cost,
+        history,
+        kkt,
+        iterations,
+        result,
+        converged,
+        nonsingular,
+        singular_values[-1],
+        weakly,
+        mult,
+    )
+
+
 def _solve(problem, u0, method, tol, pontryagin, throw) -> Solution:
     # two compiled pieces: the method's loop (on constants: no derivative flows through
     # the iterations), and the analysis with the implicit derivative (shared by all methods)
@@ -297,6 +366,7 @@ def solve(
     *,
     pontryagin: bool = True,
     throw: bool = True,
+    multipliers: Multipliers | None = None,
 ) -> Solution:
     """Solve min_u C(u) s.t. the dynamics and lower ≤ u ≤ upper, starting from `u_init`.
 
@@ -313,6 +383,12 @@ def solve(
     - `throw`: raise (an `EquinoxRuntimeError` under `jit`) with the reason when the
       solve did not converge or the solution is no strict local minimum, as optimistix
       does; False returns the flagged `Solution` (`converged`, `hessian_ok`).
+    - `multipliers`: for a problem with general constraints, the starting multipliers
+      (a `Multipliers`, e.g. a previous `Solution.multipliers`: a warm start); zeros if
+      None. Such a problem is solved by `AugmentedLagrangian()` (the default then), and
+      `converged` requires the KKT check of the full Lagrangian (the Pontryagin grid is
+      reported, not required: with constraints the minimum principle is not a
+      necessary condition in discrete time).
 
     **Returns:** a `Solution` whose costates (paper's sign) come from the core's
     recursion at the final controls and whose `kkt` is checked independently with
@@ -327,7 +403,18 @@ def solve(
     if method is None:
         from ._ilqr import ILQR
 
-        method = ILQR()
+        method = AugmentedLagrangian() if problem.constrained else ILQR()
+    if isinstance(method, AugmentedLagrangian) and not problem.constrained:
+        method = method.inner  # no constraint rows: the inner method is the whole method
+    if problem.constrained and not isinstance(method, AugmentedLagrangian):
+        raise TypeError(
+            f"control.solve: {type(method).__name__}() ignores the problem's equality/"
+            "inequality constraints; use AugmentedLagrangian(inner=...) (the default)"
+        )
+    if multipliers is not None and not isinstance(multipliers, Multipliers):
+        raise TypeError(
+            f"multipliers must be a control.Multipliers, got {type(multipliers).__name__}"
+        )
     if not isinstance(method, AbstractMethod):
         raise TypeError(
             f"method must be ILQR(), ProjectedGradient() or GradientDescent(...), got "
@@ -360,5 +447,19 @@ def solve(
                 f"[{float(problem.lower[k, i])}, {float(problem.upper[k, i])}]; "
                 "project it with problem.project(u_init)"
             )
-    tol = method.tol if method.tol is not None else default_tol(problem.dtype)
-    return _solve(problem, u0, method, float(tol), bool(pontryagin), bool(throw))
+    tol = float(method.tol if method.tol is not None else default_tol(problem.dtype))
+    if not problem.constrained:
+        return _solve(problem, u0, method, tol, bool(pontryagin), bool(throw))
+    y0 = None
+    if multipliers is not None:
+        want = Multipliers.zeros(problem)
+        for name in ("equality", "inequality", "terminal_equality", "terminal_inequality"):
+            got, shape = jnp.shape(getattr(multipliers, name)), getattr(want, name).shape
+            if got != shape:
+                raise ValueError(
+                    f"multipliers.{name} must have shape {shape} for this problem; got {got}"
+                )
+        y0 = _constant(multipliers)
+    fixed = _constant(problem)
+    u, y, history, iterations, result = _run_constrained(fixed, _constant(u0), y0, method, tol)
+    return _finish_constrained(problem, u, y, history, iterations, result, tol, bool(throw))

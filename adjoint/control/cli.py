@@ -98,6 +98,10 @@ def run(args: argparse.Namespace) -> dict:
     shape = (problem.horizon, problem.control_size)
     u_init = problem.project(0.01 * jax.random.normal(key, shape, problem.dtype))
     method = _method(args.method, getattr(args, "max_steps", None))
+    if problem.constrained:  # general constraints: the method solves each AL subproblem
+        from . import AugmentedLagrangian
+
+        method = AugmentedLagrangian(inner=method)
     sol = solve(problem, u_init, method, throw=False)  # the summary reports convergence
 
     out = pathlib.Path(args.out)
