@@ -5,6 +5,7 @@ from ._check import GradientCheck as GradientCheck, check_gradients as check_gra
 from ._checkpoint import (
     Checkpoint as Checkpoint,
     CheckpointError as CheckpointError,
+    CheckpointMismatchError as CheckpointMismatchError,
     latest_checkpoint as latest_checkpoint,
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
@@ -89,6 +90,7 @@ __all__ = [
     "CTRNNSolution",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointMismatchError",
     "Conv",
     "CostateAdjoint",
     "CostateComparison",

@@ -335,7 +335,13 @@ class CTRNNSolution(eqx.Module):
     - `num_steps`: steps taken by the forward strategy.
     - `spectral_radius`: an estimate of max_p ρ(F'_p W), the local contraction rate of
       X ↦ F(W X + b + I) at X* (below 1: the fixed-point adjoint converges too).
-    - `converged`: whether the forward strategy reached its tolerance.
+    - `converged`: whether the forward strategy reached its tolerance *and* X* is
+      `stable`.
+    - `stable`: whether X* is an attractor of the relaxation, checked independently of
+      the solver: every eigenvalue of its Jacobian diag(1/τ)(F' W − 1) has a negative
+      real part. A solver started at (or passing through) an unstable fixed point may
+      report success there, but the network never settles on it, and the implicit
+      gradient there disagrees with finite differences.
     """
 
     fixed_point: Array
@@ -343,6 +349,7 @@ class CTRNNSolution(eqx.Module):
     num_steps: Int[Array, ""]
     spectral_radius: Scalar
     converged: Bool[Array, ""]
+    stable: Bool[Array, ""]
 
 
 class AdjointSolution(eqx.Module):
@@ -355,7 +362,9 @@ class AdjointSolution(eqx.Module):
     - `input_grad`: dC/dI = −Y.
     - `residual`: ‖B − Wᵀ F'ᵀ B + ∂Cᵀ/∂X‖∞.
     - `num_steps`: steps taken by the adjoint strategy (0 for a direct solve).
-    - `converged`: whether the adjoint strategy succeeded with a finite B.
+    - `converged`: whether the adjoint strategy succeeded with a finite B *and* the
+      fixed point is `stable`.
+    - `stable`: whether X* is an attractor of the relaxation (see `CTRNNSolution`).
     """
 
     costate: Array
@@ -365,6 +374,7 @@ class AdjointSolution(eqx.Module):
     residual: Scalar
     num_steps: Int[Array, ""]
     converged: Bool[Array, ""]
+    stable: Bool[Array, ""]
 
 
 def _spectral_radius(weight: Array, derivative: Array, iterations: int = 64) -> Scalar:
@@ -387,6 +397,112 @@ def _spectral_radius(weight: Array, derivative: Array, iterations: int = 64) -> 
     return jnp.max(jnp.exp(log_growth / (iterations - iterations // 2)))
 
 
+def _host_abscissa(matrices: np.ndarray) -> np.ndarray:
+    return np.linalg.eigvals(matrices).real.max(axis=-1).astype(matrices.dtype)
+
+
+def _spectral_abscissa(matrices: Array) -> Array:
+    """max Re λ of each (n, n) matrix of a batch: `jnp.linalg.eigvals` where JAX has a
+    nonsymmetric eigensolver (CPU; CUDA, which runs LAPACK on the host), NumPy through a
+    host callback elsewhere."""
+
+    def native(m):
+        return jnp.max(jnp.linalg.eigvals(m).real, axis=-1).astype(m.dtype)
+
+    def host(m):
+        out = jax.ShapeDtypeStruct(m.shape[:-2], m.dtype)
+        return jax.pure_callback(_host_abscissa, out, m, vmap_method="expand_dims")
+
+    return jax.lax.platform_dependent(matrices, cpu=native, cuda=native, default=host)
+
+
+def _norm_bound(weight: Array, squarings: int = 4) -> Scalar:
+    """An upper bound on ‖W‖₂ in a few matrix products, independent of the batch:
+    ‖W‖₂² = ρ(WᵀW) ≤ ‖(WᵀW)^(2^m)‖∞^(1/2^m), renormalised at each squaring (so nothing
+    overflows or underflows). Within a few per cent of ‖W‖₂ for m = 4 at n = 256."""
+    a = weight.T @ weight
+    scale = jnp.max(jnp.sum(jnp.abs(a), axis=1))
+    b = jnp.where(scale > 0, a / jnp.where(scale > 0, scale, 1), 0)
+    log_bound = jnp.log(scale)
+    for _ in range(squarings):
+        c = b @ b
+        scale = jnp.max(jnp.sum(jnp.abs(c), axis=1))
+        b = jnp.where(scale > 0, c / jnp.where(scale > 0, scale, 1), 0)
+        log_bound = 2 * log_bound + jnp.log(scale)
+    return jnp.exp(log_bound / 2 ** (squarings + 1))
+
+
+def _is_attractor(weight: Array, derivative: Array, tau: Array) -> Bool[Array, ""]:
+    """Whether every X*_p is an attractor of the relaxation τ dX/dt = F(W X + b + I) − X:
+    all eigenvalues of its Jacobian J_p = diag(1/τ)(diag(F'_p) W − 1) have Re λ < 0.
+
+    This is the relaxation's own criterion, not ρ(F' W) < 1 (which the plain iteration
+    needs): a stable spiral with ρ(F' W) ≈ 2 is an attractor, while W = 2·1 at X* = 0
+    is not (J = 1). Sufficient tests that hold for every positive τ settle the usual
+    cases without an eigensolver, cheapest first:
+
+    1. max|F'| · ‖W‖₂ < 1 (`_norm_bound`, once per batch), or Gershgorin's rows
+       F'_i w_ii + |F'_i| Σ_{j≠i} |w_ij| < 1;
+    2. the symmetric part of diag(F'_p) W − 1 is negative definite (a Cholesky
+       factorisation per pattern; J_p is congruent to a matrix whose field of values
+       then lies in the left half-plane);
+    3. otherwise the eigenvalues of each J_p are computed.
+    """
+    weight, derivative, tau = (jax.lax.stop_gradient(a) for a in (weight, derivative, tau))
+    dtype = jnp.promote_types(jnp.result_type(weight, derivative), jnp.float32)
+    weight, derivative, tau = (a.astype(dtype) for a in (weight, derivative, tau))
+    margin = 1 - float(jnp.finfo(dtype).eps) ** 0.5  # rounding in the tests below
+    finite = jnp.isfinite(derivative).all() & jnp.isfinite(weight).all()
+    derivative = jnp.where(jnp.isfinite(derivative), derivative, 0)
+    weight = jnp.where(jnp.isfinite(weight), weight, 0)
+    n = weight.shape[0]
+    eye = jnp.eye(n, dtype=dtype)
+    by_norm = jnp.max(jnp.abs(derivative)) * _norm_bound(weight) < margin
+    absw = jnp.abs(weight)
+    diag = jnp.diagonal(weight)
+    off = jnp.sum(absw, axis=1) - jnp.abs(diag)
+    by_rows = jnp.all(derivative * diag + jnp.abs(derivative) * off < margin)
+
+    def exact():
+        jac = derivative[:, :, None] * weight[None] - eye
+        jac = jac / jnp.reshape(tau, (-1, 1)) if jnp.ndim(tau) else jac / tau
+        return jnp.all(_spectral_abscissa(jac) < 0)
+
+    def by_symmetric_part():
+        m = derivative[:, :, None] * weight[None]
+        chol = jnp.linalg.cholesky(margin * eye - 0.5 * (m + jnp.swapaxes(m, 1, 2)))
+        return jax.lax.cond(jnp.isfinite(chol).all(), lambda: jnp.array(True), exact)
+
+    return finite & jax.lax.cond(by_norm | by_rows, lambda: jnp.array(True), by_symmetric_part)
+
+
+def _check_elementwise(activation: Callable, n: int) -> None:
+    """Refuse a callable F that mixes units or patterns: the CTRNN's forward map applies
+    F to a (P, n) batch and its adjoint uses F' as a diagonal. Checked once, on a probe
+    batch of two patterns: ∂F(A)_i/∂A_j must vanish for i ≠ j."""
+    with jax.ensure_compile_time_eval():
+        probe = jnp.linspace(-0.9, 0.8, 2 * n).reshape(2, n)
+        try:
+            jac = jax.jacfwd(activation)(probe)
+        except Exception as err:
+            raise ValueError(
+                f"CTRNN: activation {activation!r} failed on a (2, {n}) batch of "
+                f"pre-activations: {type(err).__name__}: {err}"
+            ) from None
+    if getattr(jac, "shape", None) != (2, n, 2, n):
+        raise ValueError(
+            f"CTRNN: activation {activation!r} must map pre-activations to states of the "
+            f"same shape, elementwise; on shape (2, {n}) it returned another shape"
+        )
+    jac = np.asarray(jac).reshape(2 * n, 2 * n)
+    if np.any(np.abs(jac[~np.eye(2 * n, dtype=bool)]) > 0):
+        raise ValueError(
+            f"CTRNN: activation {activation!r} is not elementwise (∂F_i/∂A_j ≠ 0 for "
+            "i ≠ j): the CTRNN's adjoint uses F' as a diagonal; use an elementwise F (a "
+            "stage such as Dense takes any callable)"
+        )
+
+
 _FORWARD_ERROR = (
     "CTRNN: the forward relaxation τ dX/dt = F(W X + b + I) − X did not reach a fixed "
     "point (max_steps reached, an unstable solver, or no stable fixed point: W F' is not "
@@ -399,6 +515,20 @@ _ADJOINT_ERROR = (
     "or LinearSolveAdjoint() solve it whenever the fixed point is stable). Call "
     "ctrnn.solve_adjoint(...) with throw=False to see its residual."
 )
+_UNSTABLE_ERROR = (
+    "CTRNN: X* solves X = F(W X + b + I) but is not an attractor of the relaxation "
+    "τ dX/dt = F(W X + b + I) − X (an eigenvalue of diag(1/τ)(F' W − 1) has real part "
+    "≥ 0): the network never settles there, so neither X* nor its implicit gradient "
+    "describes it. Start the relaxation elsewhere (x0) or make W F' stable; "
+    "ctrnn.solve(inputs, throw=False) reports `stable` and the spectral radius of W F'."
+)
+
+
+def _checked(x: Array, ok: Array, stable: Array, method_error: str) -> Array:
+    """Raise (under jit too) if the method failed, or if X* is not an attractor."""
+    return eqx.branched_error_if(
+        x, ~(ok & stable), jnp.where(ok, 1, 0), [method_error, _UNSTABLE_ERROR]
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -431,7 +561,8 @@ class CTRNN(eqx.Module):
     - `size`: n, the number of units (or pass `weight=` and `bias=` instead).
     - `activation`: F; `"tanh"` (default), `"sigmoid"`, `"relu"`, `"identity"` or any
       elementwise callable (F' is computed from X* = F(A) for the named ones, from A
-      recomputed at X* for a callable).
+      recomputed at X* for a callable; a callable that mixes units, such as
+      a / |a|, is refused at construction, since the adjoint uses F' as a diagonal).
     - `weight`, `bias`: W (n, n) and b (n,) to use instead of a random initialisation.
     - `tau`: τ, a positive scalar or a positive (n,) diagonal (default 1.0).
     - `forward`: `Relaxation()` (diffrax, default) or `FixedPointSolve()` (optimistix).
@@ -485,7 +616,8 @@ class CTRNN(eqx.Module):
                 raise TypeError(f"CTRNN: dtype must be floating, got {dtype}")
             wkey, bkey = jax.random.split(key)
             w = jax.random.normal(wkey, (size, size), dtype)
-            weight = w * (spectral_norm / jnp.linalg.norm(w, ord=2))
+            wide = w.astype(jnp.promote_types(dtype, jnp.float32))  # no float16 SVD
+            weight = (w * (spectral_norm / jnp.linalg.norm(wide, ord=2))).astype(dtype)
             if bias is None:
                 bias = 0.1 * jax.random.normal(bkey, (size,), dtype)
         weight = jnp.asarray(weight)
@@ -509,6 +641,8 @@ class CTRNN(eqx.Module):
             raise ValueError(f"CTRNN: tau must be positive, got {concrete}")
         self.weight, self.bias, self.tau = weight, bias, tau
         self.activation = _activation_name(activation)
+        if not isinstance(self.activation, str):
+            _check_elementwise(self.activation, n)
         self.forward, self.adjoint = forward, adjoint
 
     @property
@@ -588,18 +722,21 @@ class CTRNN(eqx.Module):
         """Relax to the fixed point and return it with its certificate (not
         differentiable; use `ctrnn(inputs)` for gradients).
 
-        With `throw=True` a run that did not converge raises (under jit too); with
-        `throw=False` it is returned with `converged=False`.
+        With `throw=True` a run that did not converge, or that stopped at a fixed point
+        that is not an attractor of the relaxation (`stable=False`), raises (under jit
+        too); with `throw=False` it is returned with `converged=False`.
         """
         inputs, x0, added = self._as_batch(inputs, x0)
         net = _stop_gradient(self)
         x, steps, ok = net.forward.fixed_point(net, inputs, x0)
         residual = _max_norm(net._map(x, inputs) - x)
         ok = ok & jnp.isfinite(residual)
-        rho = _spectral_radius(net.weight, net._derivative(x, inputs))
+        derivative = net._derivative(x, inputs)
+        rho = _spectral_radius(net.weight, derivative)
+        stable = _is_attractor(net.weight, derivative, net.tau)
         if throw:
-            x = eqx.error_if(x, ~ok, _FORWARD_ERROR)
-        return CTRNNSolution(x[0] if added else x, residual, steps, rho, ok)
+            x = _checked(x, ok, stable, _FORWARD_ERROR)
+        return CTRNNSolution(x[0] if added else x, residual, steps, rho, ok & stable, stable)
 
     def solve_adjoint(
         self, fixed_point: Array, inputs: Array, cost_gradient: Array, *, throw: bool = True
@@ -614,16 +751,19 @@ class CTRNN(eqx.Module):
         g = g[None] if added else g
         if g.shape != x.shape:
             raise ValueError(f"CTRNN: cost_gradient must have shape {x.shape}, got {g.shape}")
-        lam, steps, ok, grads, input_grad = _adjoint(_stop_gradient(self), x, inputs, g)
-        residual = _max_norm(lam - _adjoint_map(self.weight, self._derivative(x, inputs), lam) - g)
+        net = _stop_gradient(self)
+        lam, steps, ok, grads, input_grad = _adjoint(net, x, inputs, g)
+        derivative = net._derivative(x, inputs)
+        residual = _max_norm(lam - _adjoint_map(net.weight, derivative, lam) - g)
         ok = ok & jnp.isfinite(residual)
+        stable = _is_attractor(net.weight, derivative, net.tau)
         if throw:
-            lam = eqx.error_if(lam, ~ok, _ADJOINT_ERROR)
+            lam = _checked(lam, ok, stable, _ADJOINT_ERROR)
         b = -lam
-        y = -self._derivative(x, inputs) * lam
+        y = -derivative * lam
         if added:
             b, y, input_grad = b[0], y[0], input_grad[0]
-        return AdjointSolution(b, y, grads, input_grad, residual, steps, ok)
+        return AdjointSolution(b, y, grads, input_grad, residual, steps, ok & stable, stable)
 
 
 def _adjoint(net: CTRNN, x: Array, inputs: Array, g: Array):
@@ -633,7 +773,10 @@ def _adjoint(net: CTRNN, x: Array, inputs: Array, g: Array):
     ok = ok & jnp.isfinite(lam).all()
     neg_y = d * lam  # = −Y
     grads = jtu.tree_map(jnp.zeros_like, eqx.filter(net, eqx.is_inexact_array))
-    grads = eqx.tree_at(lambda s: (s.weight, s.bias), grads, (neg_y.T @ x, neg_y.sum(axis=0)))
+    # each gradient in its control's own dtype (the solve runs in X*'s, maybe wider)
+    d_weight = (neg_y.T @ x).astype(net.weight.dtype)
+    d_bias = neg_y.sum(axis=0).astype(net.bias.dtype)
+    grads = eqx.tree_at(lambda s: (s.weight, s.bias), grads, (d_weight, d_bias))
     return lam, steps, ok, grads, neg_y
 
 
@@ -645,7 +788,8 @@ def _adjoint(net: CTRNN, x: Array, inputs: Array, g: Array):
 def _forward_checked(net: CTRNN, inputs: Array, x0: Array) -> Array:
     x, _, ok = net.forward.fixed_point(net, inputs, x0)
     ok = ok & jnp.isfinite(x).all()
-    return eqx.error_if(x, ~ok, _FORWARD_ERROR)
+    stable = _is_attractor(net.weight, net._derivative(x, inputs), net.tau)
+    return _checked(x, ok, stable, _FORWARD_ERROR)
 
 
 @eqx.filter_custom_vjp

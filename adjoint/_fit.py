@@ -29,11 +29,13 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from ._checkpoint import (
+    CheckpointMismatchError,
     _jsonable,
     host_tree,
-    latest_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     save_checkpoint,
+    scan_checkpoints,
 )
 from ._sharding import DataParallel
 
@@ -177,6 +179,22 @@ def _loss_shape(loss, params, static, data, batch_size: int) -> jax.ShapeDtypeSt
     return out
 
 
+def _check_carry_dtypes(before: PyTree, after: PyTree) -> None:
+    """At trace time: the optimiser state must keep its dtypes across a step, since the
+    steps run in a compiled loop (else a one-line error instead of XLA's carry error)."""
+    if jtu.tree_structure(before) != jtu.tree_structure(after):
+        return  # lax.fori_loop names the difference in structure itself
+    for (path, a), b in zip(jtu.tree_leaves_with_path(before), jtu.tree_leaves(after)):
+        da, db = getattr(a, "dtype", None), getattr(b, "dtype", None)
+        if da != db:
+            raise TypeError(
+                f"fit: optimizer.update changes the dtype of its state at "
+                f"opt_state{jtu.keystr(path)} from {da} to {db}; fit runs the steps in a "
+                "compiled loop, which needs them equal: give the model and the optimiser "
+                "one floating dtype (e.g. cast the model to float32)"
+            )
+
+
 @eqx.filter_jit
 def _run_chunk(n, params, opt_state, step, perms, data, static, loss, optimizer, parallel, config):
     """`n` (≤ steps_per_dispatch, a traced value) optimiser steps from `step`, in one
@@ -199,8 +217,14 @@ def _run_chunk(n, params, opt_state, step, perms, data, static, loss, optimizer,
             batch = parallel.constrain_batch(batch)
         # forward pass, costate recursion (the model's adjoint) and ∂L/∂W in one call
         value, grads = jax.value_and_grad(lambda p: loss(eqx.combine(p, static), batch))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = eqx.apply_updates(params, updates)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        _check_carry_dtypes(opt_state, new_opt_state)
+        opt_state = new_opt_state
+        # each control keeps its own dtype (as optax.apply_updates does), so a float16
+        # model stays float16 even where an update comes out in float32
+        params = jtu.tree_map(
+            lambda new, old: new.astype(old.dtype), eqx.apply_updates(params, updates), params
+        )
         if parallel is not None:
             params, opt_state = parallel.constrain_replicated((params, opt_state))
         losses = losses.at[j].set(value)
@@ -287,7 +311,9 @@ def fit(
     - `checkpoint_dir`: if given, resume from the newest valid checkpoint there (a
       corrupted or truncated file is skipped with a warning naming it) and write one
       every `checkpoint_every` steps (default 1000) and at the end; the
-      `keep_checkpoints` newest are kept.
+      `keep_checkpoints` newest are kept. A directory that holds another model's (or
+      optimiser's) checkpoints is refused with a `CheckpointMismatchError` naming them;
+      temporary files of a writer killed mid-write are removed at the start.
     - `eval_fn`, `eval_every`: call `eval_fn(model)` (a scalar or a dict of scalars)
       every `eval_every` steps (default: `steps_per_dispatch`) and at the end; recorded
       in `history`.
@@ -359,6 +385,8 @@ def fit(
     ckpt_path = None
     loss_dtype = jtu.tree_leaves(params)[0].dtype  # until the first chunk says otherwise
     raw_history = {"step": [], "loss": [], "eval": [], "loss_dtype": loss_dtype}
+    is_writer = jax.process_index() == 0
+    like = None
     if checkpoint_dir is not None:
         like = {
             "params": params,
@@ -366,11 +394,23 @@ def fit(
             "step": np.zeros((), np.int64),
             "key": jax.random.key_data(key),
         }
-        found = latest_checkpoint(checkpoint_dir, like)
+        if is_writer:  # a killed writer's half-written files; never a running one's
+            remove_stale_temporaries(checkpoint_dir)
+        found, foreign = scan_checkpoints(checkpoint_dir, like)
+        if foreign:
+            names = ", ".join(os.path.basename(p) for p in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise CheckpointMismatchError(
+                f"fit: checkpoint_dir {os.fspath(checkpoint_dir)} holds checkpoints of "
+                f"another model or optimiser state ({names}{more}); fit would resume from "
+                "or prune them: use a separate checkpoint_dir for each model"
+            )
         if found is not None:
             if found.step > steps:
                 raise ValueError(
-                    f"fit: checkpoint {found.path} is at step {found.step}, beyond steps={steps}"
+                    f"fit: checkpoint {found.path} is at step {found.step}, beyond steps={steps}: "
+                    f"pass steps >= {found.step} to continue it, or an empty checkpoint_dir "
+                    "to start over"
                 )
             saved_bs = found.header.get("batch_size")
             if saved_bs is not None and saved_bs != batch_size:
@@ -427,7 +467,6 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=step, desc="fit", unit="step", dynamic_ncols=True)
-    is_writer = jax.process_index() == 0
     stop_reason = "finished"
     since_log: list[float] = []
     try:
@@ -491,7 +530,8 @@ def fit(
                 }
                 if is_writer:
                     ckpt_path = save_checkpoint(checkpoint_dir, step, state, header)
-                    prune_checkpoints(checkpoint_dir, keep_checkpoints)
+                    # only this state's files count, and the one just written stays
+                    prune_checkpoints(checkpoint_dir, keep_checkpoints, like, protect=ckpt_path)
     finally:
         if bar is not None:
             bar.close()

@@ -108,6 +108,46 @@ def costates(
     return CostateRecord(value, states, b, b0, grads)
 
 
+def _check_tables(who: str, system: Multistage, x0: Array, states, costates) -> None:
+    """States X(0..N) and costates B(1..N) must have the lengths and, stage by stage, the
+    shapes that `costates(...)` returns: a table one stage short (or the two swapped)
+    would otherwise be zipped silently against the stages and drop terms of L."""
+    n = system.n_stages
+    expected = jax.eval_shape(system.trajectory, x0)
+    if system.stacked:
+        expected = [expected.shape, (n,) + expected.shape[1:]]
+    else:
+        expected = [tuple(e.shape for e in expected), tuple(e.shape for e in expected[1:])]
+    tables = (("states", "X", 0, states, expected[0]), ("costates", "B", 1, costates, expected[1]))
+    for name, sym, first, given, want in tables:
+        span = f"{sym}({first}..{n}) of a {n}-stage system"
+        if system.stacked:
+            shape = tuple(jnp.shape(given))
+            if shape[:1] != want[:1]:
+                got = shape[0] if shape else "a scalar"
+                raise ValueError(
+                    f"{who}: {name} must hold {span}, a leading axis of length {want[0]}; got {got}"
+                )
+            if shape != want:
+                raise ValueError(f"{who}: {name} has shape {shape}, expected {want}")
+            continue
+        if not isinstance(given, (tuple, list)):
+            raise ValueError(
+                f"{who}: {name} must hold {span} as a tuple of {len(want)} arrays (the "
+                f"tuple layout); got {type(given).__name__}"
+            )
+        if len(given) != len(want):
+            raise ValueError(
+                f"{who}: {name} must hold {span}, {len(want)} arrays; got {len(given)}"
+            )
+        for i, (g, w) in enumerate(zip(given, want)):
+            if tuple(jnp.shape(g)) != w:
+                raise ValueError(
+                    f"{who}: {name}[{i}] ({sym}({first + i})) has shape {jnp.shape(g)}, "
+                    f"expected {w}"
+                )
+
+
 def _residuals(system: Multistage, x0b: Array, states_b) -> PyTree[Array]:
     """X(k) − f_k(X(k-1)) for k = 1..N, with X(0) = x0."""
     if system.stacked:
@@ -132,8 +172,10 @@ def lagrangian(
 
     `states` X(0..N) and `costates` B(1..N) are in the layout that `costates(...)`
     returns (X(0) is read from `x0`, not from `states`). They need not satisfy the
-    forward or backward pass: L is defined for any X and B.
+    forward or backward pass: L is defined for any X and B. Their lengths (N+1 states,
+    N costates) and shapes are checked: a ValueError names the argument at fault.
     """
+    _check_tables("lagrangian", system, x0, states, costates)
     xb, added = system.as_batch(x0)
     if system.stacked:
         states = states.at[0].set(x0)
@@ -210,6 +252,7 @@ def kkt_residuals(
     At the forward states and the recursion's costates the first two vanish to
     rounding and the third equals the gradient dC/dW.
     """
+    _check_tables("kkt_residuals", system, x0, states, costates)
 
     def lag(args):
         sys, xs, bs = args

@@ -79,7 +79,8 @@ class Multistage(eqx.Module):
     - `adjoint`: how the system is differentiated; `CostateAdjoint()` (default) or
       `AutodiffAdjoint()`.
     - `check_finite`: if True, the forward and backward passes raise (under `jit`
-      too) naming the first stage k where X(k) or a costate became non-finite.
+      too) naming where the first non-finite value appeared: the input X(0), a state
+      X(k), a costate B(k) (B(0) included) or a control gradient dC/dW(k).
 
     Calling `system(x0)` returns X(N); `system.trajectory(x0)` returns X(0..N). `x0`
     is one pattern or a batch with a leading pattern axis.
@@ -276,15 +277,43 @@ def _check_stacked(stage: AbstractStage) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _nonfinite_error(x, flags: Array, what: str, *, backward: bool = False):
-    """Raise (under jit too) naming the stage k where the first non-finite value of the
-    pass appeared: the smallest bad k going forward, the largest going backward."""
+def _nonfinite_error(x, flags: Array, what: str):
+    """Raise (under jit too) naming the smallest stage k where the forward pass became
+    non-finite."""
     bad = ~flags
     n = flags.shape[0]
-    first = n - 1 - jnp.argmax(bad[::-1]) if backward else jnp.argmax(bad)
-    where = " (backward pass)" if backward else " (forward pass)"
-    msgs = [f"stage {k}: {what.format(k=k)} became non-finite{where}" for k in range(1, n + 1)]
-    return eqx.branched_error_if(x, bad.any(), first, msgs)
+    msgs = [
+        f"stage {k}: {what.format(k=k)} became non-finite (forward pass)" for k in range(1, n + 1)
+    ]
+    return eqx.branched_error_if(x, bad.any(), jnp.argmax(bad), msgs)
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.isfinite(x).all() for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _input_error(x0: Array) -> Array:
+    """Raise (under jit too) if X(0) = x0 itself is non-finite: no stage is at fault,
+    and a saturating first stage (tanh(inf) = 1) would hide it from the states."""
+    return eqx.error_if(
+        x0, ~jnp.isfinite(x0).all(), "X(0): the input x0 is non-finite (forward pass)"
+    )
+
+
+def _backward_nonfinite_error(x, lam_flags: Array, grad_flags: Array, lam0_flag: Array):
+    """Raise (under jit too) naming the first non-finite value of the backward pass, in
+    the order the recursion computes them: B(N), dC/dW(N), B(N-1), ..., dC/dW(1), B(0)."""
+    n = lam_flags.shape[0]
+    pairs = jnp.stack([lam_flags, grad_flags], axis=1)[::-1].reshape(-1)
+    flags = jnp.concatenate([pairs, lam0_flag[None]])
+    msgs = []
+    for k in range(n, 0, -1):
+        msgs.append(f"stage {k}: costate B({k}) became non-finite (backward pass)")
+        msgs.append(f"stage {k}: control gradient dC/dW({k}) became non-finite (backward pass)")
+    msgs.append("stage 1: input costate B(0) = −dC/dX(0) became non-finite (backward pass)")
+    bad = ~flags
+    return eqx.branched_error_if(x, bad.any(), jnp.argmax(bad), msgs)
 
 
 def _forward_stacked(system: Multistage, x0: Array) -> Array:
@@ -295,6 +324,8 @@ def _forward_stacked(system: Multistage, x0: Array) -> Array:
         x = jax.vmap(eqx.combine(d, static))(x)
         return x, x
 
+    if system.check_finite:
+        x0 = _input_error(x0)
     _, xs = jax.lax.scan(step, x0, dynamic)
     if system.check_finite:
         flags = jnp.isfinite(xs).reshape(xs.shape[0], -1).all(axis=1)
@@ -303,6 +334,8 @@ def _forward_stacked(system: Multistage, x0: Array) -> Array:
 
 
 def _forward_tuple(system: Multistage, x0: Array) -> tuple[Array, ...]:
+    if system.check_finite:
+        x0 = _input_error(x0)
     states = [x0]
     for stage in system.stages:
         states.append(jax.vmap(stage)(states[-1]))
@@ -373,8 +406,11 @@ def _recursion_tuple(system, states, cts, keep_costates):
     grads = tuple(grads[::-1])
     lam0 = lams[0]
     if system.check_finite:
-        flags = jnp.stack([jnp.isfinite(x).all() for x in lams[1:]])
-        lam0, grads = _nonfinite_error((lam0, grads), flags, "costate B({k})", backward=True)
+        lam_flags = jnp.stack([jnp.isfinite(x).all() for x in lams[1:]])
+        grad_flags = jnp.stack([_all_finite(g) for g in grads])
+        lam0, grads = _backward_nonfinite_error(
+            (lam0, grads), lam_flags, grad_flags, jnp.isfinite(lam0).all()
+        )
     return lam0, grads, (tuple(lams[1:]) if keep_costates else None)
 
 
@@ -407,17 +443,31 @@ def _recursion_stacked(system, x0, xs, ct_trajectory, ct_final, keep_costates):
 
     lam0, (grads, lams) = jax.lax.scan(step, lam_n, (dynamic, jnp.arange(n)), reverse=True)
     if system.check_finite:
-        flags = jnp.isfinite(lams).reshape(lams.shape[0], -1).all(axis=1)
-        lam0, grads = _nonfinite_error((lam0, grads), flags, "costate B({k})", backward=True)
+        lam_flags = jnp.isfinite(lams).reshape(lams.shape[0], -1).all(axis=1)
+        grad_leaves = [g for g in jtu.tree_leaves(grads) if eqx.is_inexact_array(g)]
+        grad_flags = jnp.stack(
+            [jnp.ones((n,), bool)]
+            + [jnp.isfinite(g).reshape(n, -1).all(axis=1) for g in grad_leaves]
+        ).all(axis=0)
+        lam0, grads = _backward_nonfinite_error(
+            (lam0, grads), lam_flags, grad_flags, jnp.isfinite(lam0).all()
+        )
     return lam0, grads, (lams if keep_costates else None)
 
 
 def _system_grads(system: Multistage, stage_grads) -> Multistage:
-    """Place stage gradients in a pytree shaped like `eqx.filter(system, inexact)`."""
+    """Place stage gradients in a pytree shaped like `eqx.filter(system, inexact)`, each
+    in its control's own dtype (as `jax.grad` returns them): with float16 controls and
+    a float32 x0 the recursion runs in float32, and its results are cast back."""
     if system.stacked:
         stage_grads = eqx.combine(stage_grads, eqx.partition(system.stages, eqx.is_array)[1])
-    grads = eqx.tree_at(lambda s: s.stages, system, stage_grads)
-    return eqx.filter(grads, eqx.is_inexact_array)
+    grads = eqx.filter(eqx.tree_at(lambda s: s.stages, system, stage_grads), eqx.is_inexact_array)
+    return jtu.tree_map(
+        lambda g, p: None if g is None else g.astype(p.dtype),
+        grads,
+        eqx.filter(system, eqx.is_inexact_array),
+        is_leaf=lambda x: x is None,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -460,4 +510,4 @@ def _costate_trajectory_bwd(residuals, cotangent, perturbed, vjp_arg, final_only
     grads = jtu.tree_map(
         lambda p, g: g if p else None, perturbed[0], grads, is_leaf=lambda x: x is None
     )
-    return grads, (lam0 if perturbed[1] else None)
+    return grads, (lam0.astype(x0.dtype) if perturbed[1] else None)

@@ -396,7 +396,15 @@ def _segment_costates(cell, states, inputs, cts_prev, lam, acc):
         lam, acc = carry
         h_prev, x, h_next, ct_prev = xs
         b_h, b_x, ct = cell.costate(h_prev, x, h_next, lam)
-        acc = _tree_add(acc, _inexact(ct))  # the tie: per-step control gradients summed
+        # the tie: per-step control gradients summed, each in its control's own dtype
+        # (as jax.grad does; with float16 controls and float32 states ct is float32)
+        ct = jtu.tree_map(
+            lambda c, a: c if c is None or a is None else c.astype(a.dtype),
+            _inexact(ct),
+            acc,
+            is_leaf=_is_none,
+        )
+        acc = _tree_add(acc, ct)
         lam = b_h if ct_prev is None else b_h + ct_prev
         return (lam, acc), b_x
 
@@ -436,8 +444,8 @@ def _bptt_trajectory_bwd(states, cts, perturbed, vjp_arg):
     )
     return (
         _mask(perturbed[0], acc),
-        lam0 if perturbed[1] else None,
-        b_inputs if perturbed[2] else None,
+        lam0.astype(h0.dtype) if perturbed[1] else None,
+        b_inputs.astype(inputs.dtype) if perturbed[2] else None,
     )
 
 
@@ -504,8 +512,8 @@ def _bptt_final_bwd(residuals, ct, perturbed, vjp_arg, every):
         b_inputs = jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
     return (
         _mask(perturbed[0], acc),
-        lam0 if perturbed[1] else None,
-        b_inputs if perturbed[2] else None,
+        lam0.astype(h0.dtype) if perturbed[1] else None,
+        b_inputs.astype(inputs.dtype) if perturbed[2] else None,
     )
 
 

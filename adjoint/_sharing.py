@@ -40,17 +40,13 @@ import numpy as np
 from equinox import AbstractVar
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._stage import _ACTIVATIONS, AbstractStage, _activation_name, apply_activation
+from ._stage import AbstractStage, _activation_name, apply_activation, output_costate
 
 
 def _output_costate(activation, x_next: Array, b_next: Array, preactivation: Callable) -> Array:
-    """Y = F'(A) ⊙ B, with F' from the stored X = F(A) where the activation allows."""
-    derivative = _ACTIVATIONS[activation][1] if isinstance(activation, str) else None
-    if derivative is not None:
-        return derivative(x_next) * b_next
-    _, f_vjp = jax.vjp(lambda a: apply_activation(activation, a), preactivation())
-    (y,) = f_vjp(b_next)
-    return y
+    """Y = F'(A)ᵀ B: the diagonal F' from the stored X = F(A) for the named (elementwise)
+    activations, `jax.vjp` per pattern for any other callable (see `output_costate`)."""
+    return output_costate(activation, x_next, b_next, preactivation)
 
 
 def _default_dtype(dtype):
@@ -194,21 +190,37 @@ class Transformed(AbstractTransformedDense):
 
 
 def _check_index(name: str, index, size: int, shape: tuple[int, ...] | None, owner: str):
-    """Validate an integer index array with entries in [−1, size)."""
+    """Validate an integer index array with entries in [−1, size) (−1 = fixed zero).
+
+    A concrete entry out of range is a ValueError naming the map and the value; traced
+    indices (a stage built under `jit`) are checked with `eqx.error_if` when used, since
+    an out-of-range gather would otherwise be clamped and read a wrong control silently.
+    """
     if not hasattr(index, "dtype"):
         index = np.asarray(index)
     if not jnp.issubdtype(index.dtype, jnp.integer):
         raise TypeError(f"{owner}: {name} must have an integer dtype, got {index.dtype}")
     if shape is not None and tuple(index.shape) != shape:
         raise ValueError(f"{owner}: {name} has shape {tuple(index.shape)}, expected {shape}")
-    if _is_concrete(index) and index.size:
-        lo, hi = int(np.min(index)), int(np.max(index))
-        if lo < -1 or hi >= size:
+    allowed = f"entries in [-1, {size - 1}] (−1 = fixed zero)"
+    if _is_concrete(index):
+        host = np.asarray(index)
+        bad = (host < -1) | (host >= size)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
-                f"{owner}: {name} has entries in [{lo}, {hi}], but it must index into an "
-                f"array of {size} controls: entries in [-1, {size - 1}] (−1 = fixed zero)"
+                f"{owner}: {name} has entries in [{int(host.min())}, {int(host.max())}], but "
+                f"it must index into an array of {size} controls: {allowed}; entry "
+                f"{int(host[at])} at {at} is out of range"
             )
-    return jnp.asarray(index, dtype=jnp.int32)
+        return jnp.asarray(host, dtype=jnp.int32)
+    index = jnp.asarray(index, dtype=jnp.int32)
+    return eqx.error_if(
+        index,
+        (index < -1) | (index >= size),
+        f"{owner}: {name} has an entry out of range: it must index into an array of "
+        f"{size} controls, {allowed}",
+    )
 
 
 class SharedDense(AbstractTransformedDense):
@@ -229,8 +241,8 @@ class SharedDense(AbstractTransformedDense):
     - `index`: an (out, in) integer array with entries in [−1, len(u)).
     - `u`: the free parameters, a 1-D floating array.
     - `bias`: None, an (out,) array, or (with `bias_index`) a 1-D array of shared biases.
-    - `bias_index`: None, or an (out,) integer array into `bias` (for convolutions, the
-      output channel of each output unit).
+    - `bias_index`: None, or an (out,) integer array with entries in [−1, len(bias))
+      (−1 = a fixed zero bias; for convolutions, the output channel of each unit).
     - `activation`: as `Dense`.
 
     `SharedDense.random(index_map, key=...)` initialises from an `IndexMap` (see
@@ -327,7 +339,9 @@ class SharedDense(AbstractTransformedDense):
     def bias_vector(self):
         if self.bias is None or self.bias_index is None:
             return self.bias
-        return self.bias[self.bias_index]
+        # bias_index −1 picks the appended zero: a fixed zero bias, as for weights.
+        bias_ext = jnp.concatenate([self.bias, jnp.zeros((1,), self.bias.dtype)])
+        return bias_ext[self.bias_index]
 
     def pullback(self, d_weight, d_bias):
         # ∂u_q = Σ_{index[i,j] = q} ∂W_ij: a scatter-add; index −1 is dropped.

@@ -42,7 +42,7 @@ def _activation_name(activation: str | Callable) -> str | Callable:
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {activation!r}; use one of "
-                f"{sorted(_ACTIVATIONS)} or any callable acting elementwise"
+                f"{sorted(_ACTIVATIONS)} or a callable"
             )
         return activation
     if not callable(activation):
@@ -54,6 +54,24 @@ def apply_activation(activation: str | Callable, a: Array) -> Array:
     if isinstance(activation, str):
         return _ACTIVATIONS[activation][0](a)
     return activation(a)
+
+
+def output_costate(
+    activation: str | Callable, x_next: Array, b_next: Array, preactivation: Callable[[], Array]
+) -> Array:
+    """Y_p = F'(A_p)ᵀ B_p for a batch of patterns (leading axis P).
+
+    Only the named activations (`_ACTIVATIONS`) are known to act elementwise: for them
+    F' is the diagonal written in terms of the stored X = F(A). Any other callable may
+    mix the units of a pattern (e.g. a / |a|), so it is transposed exactly with
+    `jax.vjp` on A recomputed by `preactivation()`, one pattern at a time (as the
+    forward pass applies it), never on the whole batch at once.
+    """
+    if isinstance(activation, str):
+        return _ACTIVATIONS[activation][1](x_next) * b_next
+    _, f_vjp = jax.vjp(jax.vmap(activation), preactivation())
+    (y,) = f_vjp(b_next)
+    return y
 
 
 class AbstractStage(eqx.Module):
@@ -105,13 +123,14 @@ class Dense(AbstractStage):
         ∂W(k) = Σ_p Y_p X_p(k-1)ᵀ,  ∂b(k) = Σ_p Y_p   (optimality condition)
 
     For tanh, sigmoid, relu and identity F' is written in terms of X(k) = F(A(k)), so
-    only the states are stored; for any other callable A(k) is recomputed.
+    only the states are stored; any other callable (which may mix the units of a
+    pattern, e.g. a / |a|) is differentiated with `jax.vjp` on A(k) recomputed.
 
     **Arguments:**
 
     - `in_size`, `out_size`: sizes of X(k-1) and X(k).
     - `activation`: `"tanh"` (default), `"sigmoid"`, `"relu"`, `"identity"` or any
-      elementwise callable.
+      callable mapping one pattern's A(k) to X(k).
     - `use_bias`: whether to include b(k).
     - `dtype`: floating dtype of the controls (default: JAX's default float).
     - `key`: a `jax.random` key for the initialisation U(−1/√in, 1/√in).
@@ -164,12 +183,7 @@ class Dense(AbstractStage):
         return apply_activation(self.activation, self._preactivation(x))
 
     def costate(self, x_prev, x_next, b_next):
-        derivative = _ACTIVATIONS[self.activation][1] if isinstance(self.activation, str) else None
-        if derivative is not None:
-            y = derivative(x_next) * b_next
-        else:  # a user's activation: recompute A(k) and transpose F alone
-            _, f_vjp = jax.vjp(self.activation, self._preactivation(x_prev))
-            (y,) = f_vjp(b_next)
+        y = output_costate(self.activation, x_next, b_next, lambda: self._preactivation(x_prev))
         b_prev = y @ self.weight
         d_weight = y.T @ x_prev
         if self.bias is None:

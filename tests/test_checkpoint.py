@@ -170,9 +170,14 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, task):
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, err.decode()[-2000:])
     assert b"finished" not in out
 
+    # whether or not the kill landed inside a write, leave a half-written file of the
+    # dead writer's: the restart removes it, and no temporary file is left behind
+    (d / f".ckpt-{proc.pid}@{_host()}-killed.tmp").write_bytes(b"half a write")
     model, loss, data, opt, kw = task.make()
     resumed = adjoint.fit(model, loss, data, opt, **kw, checkpoint_dir=d)
     assert resumed.resumed_from is not None and 0 < resumed.resumed_from < kw["steps"]
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    assert os.path.exists(resumed.checkpoint)
     clean = adjoint.fit(model, loss, data, opt, **kw)
     _assert_bit_identical(resumed.model, clean.model)
     _assert_bit_identical(resumed.opt_state, clean.opt_state)
@@ -183,3 +188,70 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, task):
     again = adjoint.fit(model, loss, data, opt, **kw, checkpoint_dir=d)
     assert again.resumed_from == kw["steps"]
     _assert_bit_identical(again.model, clean.model)
+
+
+def _host():
+    from adjoint._checkpoint import _host_name
+
+    return _host_name()
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_another_models_checkpoints_are_refused(tmp_path, task, getkey):
+    """Another model's checkpoints at higher steps would win every prune: fit refuses the
+    directory, naming them, and touches nothing."""
+    d = tmp_path / "ck"
+    other = _state(getkey)
+    for step in (500, 600):
+        adjoint.save_checkpoint(d, step, dict(other, step=np.asarray(step, np.int64)))
+    before = sorted(os.listdir(d))
+    model, loss, data, opt, kw = task.make()
+    with pytest.raises(
+        adjoint.CheckpointMismatchError, match=r"ckpt-0000000600.adj, ckpt-0000000500.adj"
+    ):
+        adjoint.fit(model, loss, data, opt, **dict(kw, steps=20), checkpoint_dir=d)
+    assert sorted(os.listdir(d)) == before
+
+
+def test_pruning_keeps_this_models_checkpoints(tmp_path, task, getkey):
+    """A writer of another model appears mid-run at a higher step: pruning counts only
+    this model's files, so the checkpoint just written survives and theirs too."""
+    d = tmp_path / "ck"
+    other = _state(getkey)
+    foreign = str(d / "ckpt-0000000999.adj")
+
+    def log(step, metrics):
+        if step == 10:
+            adjoint.save_checkpoint(d, 999, other)
+
+    model, loss, data, opt, kw = task.make()
+    kw = dict(kw, steps=40, checkpoint_every=10)
+    res = adjoint.fit(model, loss, data, opt, **kw, checkpoint_dir=d, log=log, keep_checkpoints=1)
+    assert os.path.exists(res.checkpoint) and res.checkpoint.endswith("ckpt-0000000040.adj")
+    assert sorted(os.listdir(d)) == ["ckpt-0000000040.adj", "ckpt-0000000999.adj"]
+    assert os.path.exists(foreign)
+
+
+def test_only_stale_temporary_files_are_removed(tmp_path, getkey):
+    """Pruning leaves temporary files alone; at the start, fit removes only those whose
+    writer (pid on this host) is gone, never another writer's in-flight file."""
+    state = _state(getkey)
+    host = _host()
+    live = tmp_path / f".ckpt-{os.getppid()}@{host}-inflight.tmp"
+    dead = tmp_path / f".ckpt-{_dead_pid()}@{host}-killed.tmp"
+    elsewhere = tmp_path / ".ckpt-1@another.host-remote.tmp"
+    for f in (live, dead, elsewhere):
+        f.write_bytes(b"half a write")
+    for step in (1, 2, 3):
+        adjoint.save_checkpoint(tmp_path, step, state)
+    adjoint._checkpoint.prune_checkpoints(tmp_path, 1, state)
+    assert live.exists() and dead.exists() and elsewhere.exists()
+    assert [s for s, _ in adjoint._checkpoint.list_checkpoints(tmp_path)] == [3]
+    removed = adjoint._checkpoint.remove_stale_temporaries(tmp_path)
+    assert removed == [str(dead)]
+    assert live.exists() and elsewhere.exists() and not dead.exists()

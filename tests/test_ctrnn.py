@@ -247,3 +247,70 @@ def test_continuous_learning(getkey):
     after = float(cost(long.ctrnn(inputs)))
     assert after < 0.7 * before and long.costs[-1] < long.costs[1]
     assert long.weights.shape == (7, 4, 4) and long.costates.shape == (7, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "forward", [adj.Relaxation(**TIGHT), adj.FixedPointSolve()], ids=["diffrax", "optimistix"]
+)
+def test_unstable_fixed_point_is_refused(forward):
+    """W = 2·1, b = I = 0, x0 = 0: X* = 0 solves X = tanh(W X) and the solver stops there
+    at once, but the relaxation runs away from it (W F' − 1 = 1): a nudge lands on
+    X ≈ ±0.96, so the implicit gradient at 0 is not the network's. Not converged."""
+    net = adj.CTRNN(weight=2 * jnp.eye(2), forward=forward, adjoint=adj.LinearSolveAdjoint())
+    inputs = jnp.zeros((1, 2))
+    sol = net.solve(inputs, throw=False)
+    assert float(sol.residual) == 0 and float(sol.spectral_radius) == pytest.approx(2, rel=1e-6)
+    assert not bool(sol.stable) and not bool(sol.converged)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="not an attractor of the relaxation"):
+        net.solve(inputs).fixed_point.block_until_ready()
+    with pytest.raises(eqx.EquinoxRuntimeError, match="not an attractor of the relaxation"):
+        eqx.filter_jit(eqx.filter_grad(lambda n: jnp.sum((n(inputs) - 0.3) ** 2)))(
+            net
+        ).weight.block_until_ready()
+    a = net.solve_adjoint(sol.fixed_point, inputs, jnp.ones((1, 2)), throw=False)
+    assert not bool(a.stable) and not bool(a.converged)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="not an attractor"):
+        net.solve_adjoint(sol.fixed_point, inputs, jnp.ones((1, 2))).costate.block_until_ready()
+    if isinstance(forward, adj.Relaxation):  # where the network does settle: stable
+        nudged = net.solve(inputs + 1e-4)
+        assert bool(nudged.stable) and bool(jnp.all(jnp.abs(nudged.fixed_point) > 0.9))
+
+
+def test_stability_depends_on_tau():
+    """F = identity, W with eigenvalues 0 and 0.5: the iteration X ← W X + I converges,
+    but with τ = (0.01, 100) the relaxation's Jacobian diag(1/τ)(W − 1) has trace > 0."""
+    w = jnp.array([[1.5, 1.0], [-1.5, -1.0]])
+    inputs = jnp.array([[0.3, -0.2]])
+    fast = adj.CTRNN(activation="identity", weight=w, forward=adj.FixedPointSolve(max_steps=512))
+    assert bool(fast.solve(inputs).converged)
+    skewed = eqx.tree_at(lambda s: s.tau, fast, jnp.array([0.01, 100.0]))
+    sol = skewed.solve(inputs, throw=False)
+    assert float(sol.residual) < 1e-5 and not bool(sol.stable) and not bool(sol.converged)
+
+
+def test_activation_that_mixes_units_is_refused():
+    w = 0.3 * jnp.eye(3)
+    with pytest.raises(ValueError, match="not elementwise"):
+        adj.CTRNN(weight=w, activation=lambda a: a / jnp.linalg.norm(a))
+    with pytest.raises(ValueError, match="not elementwise"):  # mixes the patterns
+        adj.CTRNN(weight=w, activation=lambda a: a - jnp.mean(a, axis=0))
+    adj.CTRNN(weight=w, activation=jax.nn.soft_sign)
+
+
+def test_mixed_dtypes_gradients_in_each_control_dtype(getkey):
+    """float16 controls, float32 inputs: the relaxation and the adjoint run in float32,
+    and the custom VJP returns each gradient in its control's dtype, as jax.grad does."""
+    wide = adj.CTRNN(3, key=getkey(), dtype=jnp.float32, adjoint=adj.LinearSolveAdjoint())
+    net = eqx.tree_at(
+        lambda n: (n.weight, n.bias, n.tau),
+        wide,
+        tuple(a.astype(jnp.float16) for a in (wide.weight, wide.bias, wide.tau)),
+    )
+    inputs = jax.random.normal(getkey(), (2, 3), jnp.float32)
+    g, gi = eqx.filter_grad(lambda args: jnp.sum(jnp.sin(args[0](args[1]))))((net, inputs))
+    assert g.weight.dtype == g.bias.dtype == g.tau.dtype == jnp.float16
+    assert gi.dtype == jnp.float32
+    ref = eqx.filter_grad(lambda n: jnp.sum(jnp.sin(n(inputs))))(wide)
+    assert tree_max_rel_error(g.weight.astype("f4"), ref.weight) < 1e-2
+    # and the random initialisation works in float16 (its spectral norm is taken wider)
+    assert adj.CTRNN(3, key=getkey(), dtype=jnp.float16).weight.dtype == jnp.float16

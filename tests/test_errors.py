@@ -116,3 +116,37 @@ def test_nonfinite_costate_names_the_stage_stacked(getkey):
     # stage 3's costate step produces B(2) = inf
     with pytest.raises(Exception, match=r"stage 2: costate B\(2\) became non-finite"):
         jax.block_until_ready(grad(system))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_check_finite_covers_the_input(stacked, getkey):
+    """+inf in x0: tanh saturates, so every state X(k ≥ 1) and costate is finite, but
+    dC/dW(1) = Y(1) X(0)ᵀ = 0 · inf is NaN. check_finite=True checks X(0) itself."""
+    stages = [aj.Dense(3, 3, key=k) for k in jax.random.split(getkey(), 2)]
+    build = aj.Multistage.stack if stacked else aj.Multistage
+    x0 = jnp.ones((2, 3)).at[0, 0].set(jnp.inf)
+    grad = eqx.filter_jit(eqx.filter_grad(lambda s, x: jnp.sum(s(x) ** 2)))
+    unchecked = grad(build(stages), x0)  # the silent wrong answer
+    assert not all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(unchecked))
+    with pytest.raises(Exception, match=r"X\(0\): the input x0 is non-finite"):
+        jax.block_until_ready(grad(build(stages, check_finite=True), x0))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_check_finite_covers_the_control_gradients(stacked, getkey):
+    """States and costates finite, one stage's control gradient NaN: named as such."""
+
+    class BadGrad(aj.Dense):
+        def costate(self, x_prev, x_next, b_next):
+            b_prev, ct = super().costate(x_prev, x_next, b_next)
+            bad = jnp.where(jnp.abs(self.bias[0]) < 9, 1.0, jnp.nan)
+            return b_prev, eqx.tree_at(lambda s: s.weight, ct, ct.weight * bad)
+
+    stages = [BadGrad(3, 3, key=k) for k in jax.random.split(getkey(), 3)]
+    stages[1] = eqx.tree_at(lambda s: s.bias, stages[1], stages[1].bias.at[0].set(10.0))
+    build = aj.Multistage.stack if stacked else aj.Multistage
+    grad = eqx.filter_jit(eqx.filter_grad(lambda s: jnp.sum(s(jnp.ones((2, 3))) ** 2)))
+    unchecked = grad(build(stages))
+    assert not all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(unchecked))
+    with pytest.raises(Exception, match=r"stage 2: control gradient dC/dW\(2\) became non-finite"):
+        jax.block_until_ready(grad(build(stages, check_finite=True)))

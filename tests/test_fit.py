@@ -239,3 +239,36 @@ def test_fit_trains_every_system_kind(kind, getkey):
         w = eqx.apply_updates(w, jtu.tree_map(lambda d: -lr * d, grad(w, data)))
     assert tree_max_rel_error(_controls(res.model), _controls(w)) < 1e-9
     assert res.history["loss"][-1] < res.history["loss"][0]
+
+
+def test_fit_float16_model_with_float32_data(getkey):
+    """Mixed dtypes: the costate VJP returns float16 gradients for float16 controls, so
+    the compiled loop keeps its carry types and the model stays float16."""
+    keys = jax.random.split(getkey(), 2)
+    model = adjoint.Multistage(
+        [
+            adjoint.Dense(3, 4, dtype=jnp.float16, key=keys[0]),
+            adjoint.Dense(4, 1, dtype=jnp.float16, key=keys[1]),
+        ]
+    )
+    x, y = adjoint.datasets.parity(3, dtype=jnp.float32)
+    res = adjoint.fit(model, _mse, (x, y), optax.adam(0.05), steps=20, key=getkey(), progress=False)
+    assert all(p.dtype == jnp.float16 for p in _controls(res.model))
+    assert np.isfinite(res.history["loss"]).all()
+    assert res.history["loss"][-1] < res.history["loss"][0]
+
+
+def test_fit_refuses_an_optimiser_that_changes_its_state_dtype(getkey):
+    def init(params):
+        return jtu.tree_map(jnp.zeros_like, params)  # float16, like the controls
+
+    def update(grads, state, params=None):
+        state = jtu.tree_map(lambda s, g: s + g.astype(jnp.float32), state, grads)
+        return jtu.tree_map(lambda s: -0.1 * s, state), state
+
+    model = _mlp(getkey(), (2, 3, 1))
+    model = jtu.tree_map(lambda a: a.astype(jnp.float16) if eqx.is_inexact_array(a) else a, model)
+    x, y = adjoint.datasets.parity(2, dtype=jnp.float16)
+    opt = optax.GradientTransformation(init, update)
+    with pytest.raises(TypeError, match=r"changes the dtype of its state .* float16 to float32"):
+        adjoint.fit(model, _mse, (x, y), opt, steps=2, key=getkey(), progress=False)

@@ -148,3 +148,27 @@ def test_lagrangian_tools_under_jit(name, getkey):
     rec, kkt = run(system, x0)
     assert float(jnp.max(kkt.backward_norms)) < 1e-12
     assert_tree_allclose(kkt.optimality.stages, rec.grads.stages, rtol=1e-10)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_tables_one_stage_short_are_refused(stacked, getkey):
+    """A 1-row costate table for a 2-stage system would be zipped against the stages
+    and silently drop a term of L: the lengths and shapes are checked first."""
+    stages = [aj.Dense(3, 3, key=k) for k in jax.random.split(getkey(), 2)]
+    system = aj.Multistage.stack(stages) if stacked else aj.Multistage(stages)
+    x0 = jax.random.normal(getkey(), (4, 3))
+    cost = squared_error(jnp.zeros((4, 3)))
+    rec = aj.costates(system, x0, cost)
+    xs, bs = rec.states, rec.costates
+    for fn in (aj.lagrangian, aj.kkt_residuals):
+        name = fn.__name__
+        with pytest.raises(ValueError, match=rf"{name}: costates must hold B\(1..2\).*2.*got 1"):
+            fn(system, x0, xs, bs[:1], cost)
+        with pytest.raises(ValueError, match=rf"{name}: states must hold X\(0..2\).*3.*got 2"):
+            fn(system, x0, xs[:2], bs, cost)
+        with pytest.raises(ValueError, match=rf"{name}: states must hold X\(0..2\).*3.*got 2"):
+            fn(system, x0, bs, xs, cost)  # the two tables swapped
+    if not stacked:
+        with pytest.raises(ValueError, match=r"costates\[1\] \(B\(2\)\) has shape \(3, 3\)"):
+            aj.lagrangian(system, x0, xs, (bs[0], bs[1][:3]), cost)
+    assert jnp.allclose(aj.lagrangian(system, x0, xs, bs, cost), rec.value)

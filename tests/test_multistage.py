@@ -220,3 +220,68 @@ def test_stack_equals_tuple(getkey):
     for k in range(3):
         assert jnp.allclose(rt.costates[k], rs.costates[k], rtol=1e-12, atol=1e-14)
         assert jnp.allclose(rt.grads.stages[k].weight, rs.grads.stages.weight[k], rtol=1e-12)
+
+
+def _unit(a):
+    """A user's activation that is not elementwise: a / |a| over one pattern's units."""
+    return a / jnp.linalg.norm(a)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_activation_that_mixes_units(stacked, getkey):
+    """F'(A) is a full matrix for a / |a|: the costate step transposes F with jax.vjp per
+    pattern (the analytic diagonal is used only for the named elementwise activations),
+    matching jax.grad of a hand-written forward and finite differences."""
+    stages = [aj.Dense(3, 3, _unit, key=k) for k in jax.random.split(getkey(), 2)]
+    system = aj.Multistage.stack(stages) if stacked else aj.Multistage(stages)
+    x0 = jax.random.normal(getkey(), (5, 3))
+    target = jax.random.normal(getkey(), (5, 3))
+    weights = [(s.weight, s.bias) for s in stages]
+
+    def plain(weights, x):
+        for w, b in weights:
+            a = x @ w.T + b
+            x = a / jnp.linalg.norm(a, axis=1, keepdims=True)
+        return jnp.sum((target - x) ** 2 * jnp.arange(1.0, 4.0))
+
+    def cost(states):
+        return jnp.sum((target - states[-1]) ** 2 * jnp.arange(1.0, 4.0))
+
+    g, gx = eqx.filter_grad(lambda args: cost(args[0].trajectory(args[1])))((system, x0))
+    ref, ref_x = jax.grad(plain, argnums=(0, 1))(weights, x0)
+    ours = (
+        [(g.stages.weight[k], g.stages.bias[k]) for k in range(2)]
+        if stacked
+        else [(s.weight, s.bias) for s in g.stages]
+    )
+    assert_tree_allclose(ours, ref, rtol=1e-10)
+    assert_tree_allclose(gx, ref_x, rtol=1e-10)
+    v = random_like(getkey(), weights)
+    fd = directional_fd(lambda w: plain(w, x0), weights, v, eps=1e-6)
+    assert abs(float(tree_vdot(ours, v) - fd)) <= 1e-7 * max(1.0, abs(float(fd)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_mixed_dtypes_give_each_control_its_own_dtype(dtype, stacked, getkey):
+    """float16/bfloat16 controls with a float32 x0: the states are float32, and the
+    custom VJP returns each gradient in its control's dtype, as jax.grad does."""
+    stages = [aj.Dense(3, 3, dtype=dtype, key=k) for k in jax.random.split(getkey(), 2)]
+    system = aj.Multistage.stack(stages) if stacked else aj.Multistage(stages)
+    x0 = jax.random.normal(getkey(), (4, 3), jnp.float32)
+
+    def loss(s, x):
+        return jnp.sum(jnp.sin(s(x)))
+
+    g, gx = eqx.filter_grad(lambda args: loss(*args))((system, x0))
+    r, rx = eqx.filter_grad(lambda args: loss(*args))((with_autodiff(system), x0))
+    assert gx.dtype == rx.dtype == jnp.float32
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(r)):
+        assert a.dtype == b.dtype == dtype
+    assert_tree_allclose(
+        jax.tree.map(lambda a: a.astype(jnp.float32), g),
+        jax.tree.map(lambda a: a.astype(jnp.float32), r),
+        rtol=1e-2,
+    )
+    rec = aj.costates(system, x0, lambda xs: jnp.sum(jnp.sin(xs[-1])))
+    assert all(a.dtype == dtype for a in jax.tree.leaves(rec.grads))

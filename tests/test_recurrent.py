@@ -139,6 +139,25 @@ def test_recurrent_float32_vmap(rnn):
     assert tree_max_rel_error(g32.cell.weight_hh[1], ref.weight_hh) < 1e-4
 
 
+@pytest.mark.parametrize("every", [None, 3])
+def test_recurrent_mixed_dtypes(rnn, every):
+    """A float16 cell on float32 states and inputs: the custom VJP sums the per-step
+    control gradients in each control's own dtype, as jax.grad of the plain scan does."""
+    cell, h0, xs = rnn
+    to16 = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: a.astype(jnp.float16) if eqx.is_inexact_array(a) else a, t
+    )
+    h0, xs = h0.astype(jnp.float32), xs.astype(jnp.float32)
+    net = adjoint.RecurrentNet(to16(cell), checkpoint_every=every)
+    g = eqx.filter_jit(eqx.filter_grad(lambda a: _final_cost(a[0](a[1], a[2]))))((net, h0, xs))
+    ref = jax.grad(lambda a: _final_cost(_plain_states(*a)[-1]))((to16(cell), h0, xs))
+    assert all(a.dtype == jnp.float16 for a in jax.tree_util.tree_leaves(g[0].cell))
+    assert g[1].dtype == g[2].dtype == jnp.float32
+    assert all(a.dtype == jnp.float16 for a in jax.tree_util.tree_leaves(ref[0]))
+    up = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
+    assert tree_max_rel_error(up(g[0].cell), up(ref[0])) < 1e-2
+
+
 def test_recurrent_bad_input(rnn, getkey):
     cell, h0, xs = rnn
     with pytest.raises(ValueError, match=r"T = 7 steps \(shape \(7, 4, 3\)\).*length = 6"):

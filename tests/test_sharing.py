@@ -8,7 +8,13 @@ import pytest
 
 import adjoint
 
-from .helpers import directional_fd, random_like, tree_max_rel_error, tree_vdot
+from .helpers import (
+    directional_fd,
+    finite_difference_grad,
+    random_like,
+    tree_max_rel_error,
+    tree_vdot,
+)
 
 
 _costates = eqx.filter_jit(adjoint.costates)  # one compile instead of op-by-op
@@ -268,3 +274,48 @@ def test_bad_input_errors(getkey):
     conv = adjoint.Conv((2, 5), 1, 3, key=getkey())
     with pytest.raises(ValueError, match=r"expects shape \(2, 5\)|cannot take a state"):
         adjoint.Multistage([adjoint.Dense(3, 4, key=getkey()), conv])
+
+
+def test_bias_index_minus_one_is_a_fixed_zero(getkey):
+    """bias_index −1 is a fixed zero bias, as index −1 is a fixed zero weight (not the
+    last bias, as Python indexing would read it): value and gradient match a hand-written
+    forward under jax.grad and finite differences."""
+    index = np.array([[0, 1, -1], [1, -1, 2]])
+    u, bias = jax.random.normal(getkey(), (3,)), jax.random.normal(getkey(), (2,))
+    stage = adjoint.SharedDense(index, u, bias, bias_index=np.array([0, -1]))
+    x = jax.random.normal(getkey(), (4, 3))
+
+    def plain(u, bias):
+        w = jnp.stack([jnp.stack([u[0], u[1], 0.0]), jnp.stack([u[1], 0.0, u[2]])])
+        return _cost((jnp.tanh(x @ w.T + jnp.stack([bias[0], 0.0])),))
+
+    rec = _costates(adjoint.Multistage([stage]), x, _cost)
+    assert float(rec.value) == pytest.approx(float(plain(u, bias)), rel=1e-14)
+    g_u, g_bias = jax.grad(plain, argnums=(0, 1))(u, bias)
+    assert tree_max_rel_error(rec.grads.stages[0].u, g_u) < 1e-12
+    assert tree_max_rel_error(rec.grads.stages[0].bias, g_bias) < 1e-12
+    assert float(rec.grads.stages[0].bias[1]) == 0.0  # the last bias is not used
+    fd = finite_difference_grad(lambda b: plain(u, b), bias)
+    assert tree_max_rel_error(rec.grads.stages[0].bias, fd) < 1e-8
+
+
+def test_index_maps_are_range_checked(getkey):
+    u = jnp.zeros(3)
+    with pytest.raises(ValueError, match=r"SharedDense: index .* entry 5 at \(1, 0\)"):
+        adjoint.SharedDense(np.array([[0, 1], [5, -1]]), u)
+    with pytest.raises(ValueError, match=r"SharedDense: bias_index .* entry -2 at \(0,\)"):
+        adjoint.SharedDense(np.array([[0, 1]]), u, jnp.zeros(2), bias_index=np.array([-2]))
+
+    # Built under jit the indices are traced: an entry out of range raises when the
+    # stage runs (a gather out of range would be clamped and read a wrong control).
+    @eqx.filter_jit
+    def run(index, bias_index):
+        stage = adjoint.SharedDense(index, u, jnp.ones(2), bias_index=bias_index)
+        return jax.vmap(stage)(jnp.ones((2, 2)))
+
+    ok = run(jnp.array([[0, -1]]), jnp.array([-1]))
+    assert jnp.array_equal(ok, jnp.zeros((2, 1)))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="SharedDense: index has an entry out"):
+        run(jnp.array([[0, 5]]), jnp.array([0])).block_until_ready()
+    with pytest.raises(eqx.EquinoxRuntimeError, match="SharedDense: bias_index has an entry"):
+        run(jnp.array([[0, 1]]), jnp.array([2])).block_until_ready()
