@@ -447,6 +447,10 @@ def _cmd_train(args) -> int:
             args, task, dtype, devices, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=every
         )
     except ValueError as err:
+        from ._checkpoint import CheckpointMismatchError
+
+        if isinstance(err, CheckpointMismatchError):  # another model's checkpoints
+            raise _CLIError(f"{err} (--fresh deletes them)".replace("\n", " ")) from None
         beyond = re.search(r"checkpoint (.+) is at step (\d+), beyond steps=", str(err))
         if beyond is None:
             raise
@@ -468,19 +472,13 @@ def _cmd_train(args) -> int:
 
 
 def _clear_checkpoints(directory: str) -> None:
-    """`--fresh`: delete the checkpoint files (and stale temporary files) of `directory`,
-    nothing else."""
-    from ._checkpoint import list_checkpoints
+    """`--fresh`: delete the checkpoint files of `directory` and the temporary files of
+    writers that are no longer running (another writer's in-flight file stays)."""
+    from ._checkpoint import list_checkpoints, remove_stale_temporaries
 
-    stale = []
-    if os.path.isdir(directory):
-        stale = [
-            os.path.join(directory, name)
-            for name in os.listdir(directory)
-            if name.startswith(".ckpt-") and name.endswith(".tmp")
-        ]
     try:
-        for path in [p for _, p in list_checkpoints(directory)] + stale:
+        remove_stale_temporaries(directory)
+        for _, path in list_checkpoints(directory):
             os.unlink(path)
     except OSError as err:
         raise _CLIError(f"--fresh: cannot delete {err.filename} ({err.strerror})") from None

@@ -349,3 +349,15 @@ def test_notebook_install_cell(path, tmp_path, monkeypatch, capsys):
     exec(compile(cell, path, "exec"), {})
     assert runs[1][-1] == "adjoint-jax @ git+https://github.com/someone/fork"
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_another_tasks_checkpoints_are_one_line(tmp_path, capsys):
+    """One --out for two tasks: the second is refused with one line naming the files."""
+    out = str(tmp_path / "shared")
+    base = ["--steps", "8", "--no-progress", "--precision", "64", "--out", out]
+    assert cli.main(["train", "xor", *base]) == 0
+    capsys.readouterr()
+    rc, _, err = _run(["train", "parity", *base], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "ckpt-0000000008.adj" in err and "--fresh" in err
+    assert cli.main(["train", "parity", *base, "--fresh"]) == 0

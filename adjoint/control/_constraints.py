@@ -48,6 +48,8 @@ from ._base import (
     SUCCESS,
     TARGET,
     AbstractMethod,
+    gradient_tolerance,
+    projected_gradient_norm,
     target_of,
 )
 from ._ilqr import ILQR
@@ -283,6 +285,12 @@ def _kkt_pieces(problem: ControlProblem, u, y):
     return grad, 0.5 * (hess + hess.T), c, J
 
 
+def stationarity_scale(problem: ControlProblem, u):
+    """1 + ‖∇C(u)‖∞: the scale of the Lagrangian's gradient terms (invariant to adding a
+    constant to C), against which stationarity is measured with constraints."""
+    return 1 + jnp.max(jnp.abs(jax.grad(plain_cost, argnums=1)(problem, u)))
+
+
 def natural_residual(problem: ControlProblem, u, y, grad, c):
     """The KKT residual as one vector that is zero exactly at a KKT point: u − Π(u − ∇L)
     for the box (stationarity and the bound multipliers' signs), g for equalities and
@@ -317,16 +325,16 @@ def _active_set(problem, u, y, grad, c) -> ActiveSet:
 def newton_polish(problem: ControlProblem, u, y, tol, steps: int):
     """Primal–dual active-set Newton on the KKT system from (u, y) (see the module
     docstring). **Returns:** `(u, y, residual, ok)`: `ok` when the natural residual fell
-    below `tol` (stationarity relative to 1 + |C|, feasibility absolute) in `steps`
+    below `tol` (stationarity relative to 1 + ‖∇C‖∞, feasibility absolute) in `steps`
     iterations, every value finite."""
     eq = equality_rows(problem)
 
     def residual(u, y):
-        # stationarity relative to 1 + |C|, the constraint rows absolute: one number,
+        # stationarity relative to 1 + ‖∇C‖∞, the constraint rows absolute: one number,
         # ≤ tol exactly when both tests pass
         grad, _, c, _ = _kkt_pieces(problem, u, y)
         r_u, r_c = natural_residual(problem, u, y, grad, c)
-        scale = 1 + jnp.abs(plain_cost(problem, u))
+        scale = stationarity_scale(problem, u)
         return jnp.maximum(jnp.max(jnp.abs(r_u)) / scale, jnp.max(jnp.abs(r_c), initial=0.0))
 
     def body(state):
@@ -377,8 +385,9 @@ class AugmentedLagrangian(AbstractMethod):
     - `inner`: the method for each augmented subproblem (`ILQR(max_steps=50)`; any
       method of `solve` that handles the box).
     - `max_steps`: outer (multiplier-update) iterations.
-    - `tol`: the KKT tolerance: stationarity relative to 1 + |C|, and the constraint
-      violation (absolute; None: 1e-8 in float64, 1e-4 in float32).
+    - `tol`: the KKT tolerance: stationarity relative to 1 + ‖∇C‖∞, the constraint
+      violation absolute (None: 1e-8 in float64, 1e-4 in float32); each augmented
+      subproblem is solved to `tol` relative to its projected gradient at its start.
     - `penalty_init`, `penalty_factor`, `penalty_max`: ρ, its growth when the violation
       does not fall by 4× in an outer iteration, and its cap: at the cap with no
       progress the result is `INFEASIBLE`.
@@ -431,7 +440,10 @@ class AugmentedLagrangian(AbstractMethod):
             i, u, y, rho, viol_prev, stalled, history, _ = carry
             mult = Multipliers.unflat(problem, y)
             augmented = lagrangian_problem(problem, mult, rho)
-            u_new, _, _, inner_status = self.inner.run(augmented, u, tol)
+            pg = projected_gradient_norm(augmented, u, jax.grad(augmented.cost)(u))
+            u_new, _, _, inner_status = self.inner.run(
+                augmented, u, gradient_tolerance(tol, pg, dtype)
+            )
             values = constraint_values(problem, u_new)
             viol = violation(values)
             v = values.flat()

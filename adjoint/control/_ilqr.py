@@ -36,6 +36,7 @@ from ._base import (
     projected_gradient_norm,
     stop_test,
     target_of,
+    unbounded,
 )
 from ._parallel import AbstractCostates, SequentialCostates
 from ._parallel_riccati import AbstractRiccati, ParallelRiccati
@@ -149,8 +150,10 @@ class ILQR(AbstractMethod):
     **Arguments:**
 
     - `max_steps`: backward/forward passes (default 200).
-    - `tol`: stopping tolerance on ‖u − Π(u − ∇C)‖∞ / (1 + |C|), with ∇C from
-      `costates` (the core's recursion by default).
+    - `tol`: relative stopping tolerance: ‖u − Π(u − ∇C)‖∞ ≤ tol · (its value at
+      u_init), with an absolute floor eps^(3/4) (`gradient_tolerance`); ∇C from
+      `costates` (the core's recursion by default). None: 1e-8 in float64, 1e-4 in
+      float32.
     - `second_order`: add the V_X·f second-derivative terms (DDP).
     - `mu_init`, `mu_min`, `mu_max`, `mu_factor`: Levenberg–Marquardt regularisation of
       Q_uu.
@@ -202,7 +205,7 @@ class ILQR(AbstractMethod):
         if bool(np.isfinite(np.asarray(lo)).any() or np.isfinite(np.asarray(hi)).any()):
             raise ValueError(_BOUNDED_PARALLEL)
 
-    def run(self, problem, u0, tol):
+    def run(self, problem, u0, gtol):
         self.check_problem(problem)
         if isinstance(self.backward, ParallelRiccati):
             finite = jnp.isfinite(problem.lower).any() | jnp.isfinite(problem.upper).any()
@@ -252,7 +255,7 @@ class ILQR(AbstractMethod):
         pg0 = projected_gradient_norm(problem, u0, g0)
         finite0 = jnp.isfinite(c0) & jnp.all(jnp.isfinite(g0))
         target = target_of(self)
-        status = outcome(finite0, stop_test(pg0, c0, tol), c0 <= target, self.max_steps <= 0)
+        status = outcome(finite0, stop_test(pg0, gtol), c0 <= target, self.max_steps <= 0)
         mu0 = jnp.asarray(self.mu_init, dtype)
         carry = (jnp.array(0), u0, Xs0, c0, mu0, history, status)
 
@@ -289,8 +292,15 @@ class ILQR(AbstractMethod):
             c_new, g_new = vg(u)
             finite = jnp.isfinite(c_new) & jnp.all(jnp.isfinite(g_new))
             i = i + 1
-            done = stop_test(projected_gradient_norm(problem, u, g_new), c_new, tol)
-            status = outcome(finite, done, c_new <= target, i >= self.max_steps, mu > self.mu_max)
+            done = stop_test(projected_gradient_norm(problem, u, g_new), gtol)
+            status = outcome(
+                finite,
+                done,
+                c_new <= target,
+                i >= self.max_steps,
+                mu > self.mu_max,
+                unbounded(c_new, c0),
+            )
             history = history.at[i].set(c_new)
             return i, u, Xs_new, c_new, mu, history, status
 

@@ -50,7 +50,10 @@ class ControlKKT(eqx.Module):
     - `hamiltonian`: the paper's H(k) at u(k), per k (N,).
     - `pontryagin_gap`: max over candidate controls v of H(k)(v) − H(k)(u(k)), per k; ≤ 0
       when u(k) maximises H(k) (up to the grid).
-    - `tolerance`: the absolute tolerance used by `ok`, already scaled by (1 + |C|).
+    - `tolerance`: the absolute tolerance on stationarity and complementarity (`solve`
+      passes its stopping tolerance: tol relative to the projected gradient at u_init).
+    - `residual_tolerance`: on the forward and backward residuals, tol (1 + max|X|, |B|).
+    - `pontryagin_tolerance`: on the Pontryagin gap, relative to 1 + |H(k)|.
     - For a problem with general constraints (`AugmentedLagrangian`), the gradient,
       stationarity and costates are those of the full Lagrangian L = C + νᵀg + μᵀh + …,
       and: `equality_violation` max |g|, `inequality_violation` max(h, 0) (primal
@@ -74,6 +77,8 @@ class ControlKKT(eqx.Module):
     dual_infeasibility: Scalar = 0.0
     constraint_complementarity: Scalar = 0.0
     feasibility_tolerance: Scalar = 0.0
+    residual_tolerance: Scalar = 0.0
+    pontryagin_tolerance: Scalar = 0.0
 
     @property
     def kkt_ok(self) -> Bool[Array, ""]:
@@ -83,8 +88,8 @@ class ControlKKT(eqx.Module):
             (jnp.max(self.stationarity) <= tol)
             & (self.complementarity <= tol)
             & (self.primal_infeasibility <= 0)
-            & (self.forward_residual <= tol)
-            & (self.backward_residual <= tol)
+            & (self.forward_residual <= self.residual_tolerance)
+            & (self.backward_residual <= self.residual_tolerance)
             & (self.equality_violation <= self.feasibility_tolerance)
             & (self.inequality_violation <= self.feasibility_tolerance)
             & (self.dual_infeasibility <= tol)
@@ -95,7 +100,7 @@ class ControlKKT(eqx.Module):
     def pontryagin_ok(self) -> Bool[Array, ""]:
         """u(k) maximises H(k) over the candidates, relative to 1 + |H(k)|."""
         scale = 1 + jnp.abs(self.hamiltonian)
-        return jnp.all(self.pontryagin_gap <= self.tolerance * scale)
+        return jnp.all(self.pontryagin_gap <= self.pontryagin_tolerance * scale)
 
     @property
     def ok(self) -> Bool[Array, ""]:
@@ -142,8 +147,9 @@ def _candidates(u, lower, upper, t):
     return jnp.where(finite, in_box, local)
 
 
-def analyse(problem: ControlProblem, u: Float[Array, "N m"], tol):
-    """Costates and KKT/Pontryagin residuals at `u`.
+def analyse(problem: ControlProblem, u: Float[Array, "N m"], tol, gtol=None):
+    """Costates and KKT/Pontryagin residuals at `u`, with `tol` the relative tolerance
+    and `gtol` the absolute one on stationarity (None: `tol`); see `ControlKKT`.
 
     **Returns:** `(C, X(0..N), B(0..N), ControlKKT)` with X and B of shape (N+1, P, n)
     and B in the paper's sign, from the core's `costates` and `kkt_residuals`.
@@ -157,7 +163,9 @@ def analyse(problem: ControlProblem, u: Float[Array, "N m"], tol):
     states = record.states[..., :n]
     b = jnp.concatenate([record.input_costate[None], record.costates])[..., :n]
     grad = res.optimality.stages.u
-    tolerance = tol * (1 + jnp.abs(value))
+    tolerance = jnp.asarray(tol if gtol is None else gtol, value.dtype)
+    scale = jnp.maximum(jnp.max(jnp.abs(states)), jnp.max(jnp.abs(b)))
+    residual_tolerance = tol * (1 + scale)
 
     active_lower = u - problem.lower <= tolerance
     active_upper = problem.upper - u <= tolerance
@@ -194,11 +202,13 @@ def analyse(problem: ControlProblem, u: Float[Array, "N m"], tol):
         hamiltonian=h,
         pontryagin_gap=gap,
         tolerance=tolerance,
+        residual_tolerance=residual_tolerance,
+        pontryagin_tolerance=jnp.asarray(tol, value.dtype),
     )
     return value, states, b, kkt
 
 
-def analyse_constrained(problem: ControlProblem, u, multipliers, tol):
+def analyse_constrained(problem: ControlProblem, u, multipliers, tol, gtol=None):
     """`analyse` for a problem with general constraints at (u, multipliers): the
     stationarity, costates and Pontryagin gap of the full Lagrangian (the core's
     recursion on the cost ℓ + νᵀg + μᵀh, φ + ν_Tᵀg_T + μ_Tᵀh_T), and the constraint
@@ -207,7 +217,7 @@ def analyse_constrained(problem: ControlProblem, u, multipliers, tol):
     **Returns:** `(C, X(0..N), B(0..N), ControlKKT)` as `analyse`, C the cost itself.
     """
     lagr = lagrangian_problem(problem, multipliers)
-    _, states, b, kkt = analyse(lagr, u, tol)
+    _, states, b, kkt = analyse(lagr, u, tol, gtol)
     X = states[:, 0]
     cost = plain_cost(problem, u, X)
     values = constraint_values(problem, u, X)

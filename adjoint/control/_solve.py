@@ -1,8 +1,10 @@
 """`solve`: first-order methods built on the costate gradient, and the solution record.
 
 Every method reads dC/du(k) from the costate recursion (the core's, or its parallel
-form) and stops when the projected gradient ‖u − Π(u − ∇C)‖∞ ≤ tol (1 + |C|). The loops
-are `jax.lax.while_loop`s inside one `jit`.
+form) and stops when the projected gradient ‖u − Π(u − ∇C)‖∞ ≤ max(tol · its value at
+u_init, eps^(3/4)): a rule that adding a constant to C or scaling C does not change. The
+loops are `jax.lax.while_loop`s inside one `jit`; `converged` is decided again, by the
+independent KKT check of the returned controls.
 """
 
 import equinox as eqx
@@ -21,12 +23,15 @@ from ._base import (
     STALLED,
     SUCCESS,
     TARGET,
+    UNBOUNDED,
     AbstractMethod,
     default_tol,
+    gradient_tolerance,
     outcome,
     projected_gradient_norm,
     stop_test,
     target_of,
+    unbounded,
 )
 from ._constraints import AugmentedLagrangian, Multipliers
 from ._implicit import attach, linearise
@@ -46,9 +51,9 @@ def _finite(*xs) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
 
 
-def _initial_status(problem, u, c, g, tol, max_steps, target):
+def _initial_status(problem, u, c, g, gtol, max_steps, target):
     pg = projected_gradient_norm(problem, u, g)
-    return outcome(_finite(c, g), stop_test(pg, c, tol), c <= target, max_steps <= 0)
+    return outcome(_finite(c, g), stop_test(pg, gtol), c <= target, max_steps <= 0)
 
 
 class GradientDescent(AbstractMethod):
@@ -57,10 +62,11 @@ class GradientDescent(AbstractMethod):
 
         u ← Π_[lower, upper](u + optax_update(dC/du)).
 
-    **Arguments:** `optimizer` (default `optax.sgd(1e-2)`), `max_steps`, `tol` (None: 1e-8
-    in float64, 1e-4 in float32), `costates` (`SequentialCostates()` = the core's
-    recursion, or `ParallelCostates()`), `cost_target` (stop once C ≤ it; an array
-    changes it without recompiling).
+    **Arguments:** `optimizer` (default `optax.sgd(1e-2)`), `max_steps`, `tol` (relative
+    to the projected gradient at u_init, see `ILQR`; None: 1e-8 in float64, 1e-4 in
+    float32), `costates` (`SequentialCostates()` = the core's recursion, or
+    `ParallelCostates()`), `cost_target` (stop once C ≤ it; an array changes it without
+    recompiling).
     """
 
     optimizer: optax.GradientTransformation = optax.sgd(1e-2)
@@ -69,12 +75,12 @@ class GradientDescent(AbstractMethod):
     costates: AbstractCostates = SequentialCostates()
     cost_target: float | Array | None = None
 
-    def run(self, problem, u0, tol):
+    def run(self, problem, u0, gtol):
         vg = lambda u: self.costates.value_and_grad(problem, u)
         c0, g0 = vg(u0)
         history = jnp.full(self.max_steps + 1, jnp.nan, u0.dtype).at[0].set(c0)
         target = target_of(self)
-        status = _initial_status(problem, u0, c0, g0, tol, self.max_steps, target)
+        status = _initial_status(problem, u0, c0, g0, gtol, self.max_steps, target)
         carry = (jnp.array(0), u0, c0, g0, self.optimizer.init(u0), history, status)
 
         def body(carry):
@@ -84,8 +90,9 @@ class GradientDescent(AbstractMethod):
             c_new, g_new = vg(u_new)
             finite = _finite(c_new, g_new)
             i = i + 1
-            done = stop_test(projected_gradient_norm(problem, u_new, g_new), c_new, tol)
-            status = outcome(finite, done, c_new <= target, i >= self.max_steps)
+            done = stop_test(projected_gradient_norm(problem, u_new, g_new), gtol)
+            diverged = unbounded(c_new, c0)
+            status = outcome(finite, done, c_new <= target, i >= self.max_steps, False, diverged)
             keep = lambda new, old: jnp.where(finite, new, old)
             new_state = jax.tree_util.tree_map(keep, new_state, opt_state)
             history = history.at[i].set(jnp.where(finite, c_new, c))
@@ -113,13 +120,14 @@ class ProjectedGradient(AbstractMethod):
     costates: AbstractCostates = SequentialCostates()
     cost_target: float | Array | None = None
 
-    def run(self, problem, u0, tol):
+    def run(self, problem, u0, gtol):
         vg = lambda u: self.costates.value_and_grad(problem, u)
         c0, g0 = vg(u0)
         history = jnp.full(self.max_steps + 1, jnp.nan, u0.dtype).at[0].set(c0)
         target = target_of(self)
-        status = _initial_status(problem, u0, c0, g0, tol, self.max_steps, target)
-        alpha0 = 1 / jnp.maximum(jnp.max(jnp.abs(g0)), 1.0)
+        status = _initial_status(problem, u0, c0, g0, gtol, self.max_steps, target)
+        g_max = jnp.max(jnp.abs(g0))  # a first step of length ≤ 1, whatever C's scale
+        alpha0 = jnp.where(g_max > 0, 1 / jnp.where(g_max > 0, g_max, 1), 1.0)
         carry = (jnp.array(0), u0, c0, g0, alpha0, history, status)
 
         def body(carry):
@@ -128,7 +136,10 @@ class ProjectedGradient(AbstractMethod):
             def trial(a):
                 u_t = problem.project(u - a * g)
                 c_t = problem.cost(u_t)
-                ok = jnp.isfinite(c_t) & (c_t <= c + 1e-4 * jnp.vdot(g, u_t - u))
+                # Armijo, up to the rounding of C: a decrease below it is invisible (a
+                # large constant in C), and the gradient test decides convergence anyway
+                rounding = 16 * jnp.finfo(c.dtype).eps * jnp.abs(c)
+                ok = jnp.isfinite(c_t) & (c_t <= c + 1e-4 * jnp.vdot(g, u_t - u) + rounding)
                 return u_t, ok
 
             def ls_body(state):
@@ -148,9 +159,14 @@ class ProjectedGradient(AbstractMethod):
             alpha_next = jnp.where(sty > 0, jnp.vdot(s, s) / jnp.where(sty > 0, sty, 1), 2 * a)
             alpha_next = jnp.clip(alpha_next, 1e-12, 1e12)
             i = i + 1
-            done = stop_test(projected_gradient_norm(problem, u_t, g_new), c_new, tol)
+            done = stop_test(projected_gradient_norm(problem, u_t, g_new), gtol)
             status = outcome(
-                _finite(c_new, g_new), done & ok, ok & (c_new <= target), i >= self.max_steps, ~ok
+                _finite(c_new, g_new),
+                done & ok,
+                ok & (c_new <= target),
+                i >= self.max_steps,
+                ~ok,
+                unbounded(c_new, c0),
             )
             keep = lambda new, old: jnp.where(ok, new, old)
             history = history.at[i].set(keep(c_new, c))
@@ -244,6 +260,7 @@ _THROW = (
     "control.solve: the reduced Hessian on the free controls is not positive definite at "
     "the solution: not a strict local minimum, so its derivative is undefined",
     f"control.solve: {MESSAGES[INFEASIBLE]}",
+    f"control.solve: {MESSAGES[UNBOUNDED]}",
 )
 _THROW_HINT = " (pass throw=False for the flagged Solution)"
 
@@ -255,13 +272,15 @@ def _run(problem: ControlProblem, u0: Array, method: AbstractMethod, tol: float)
     u0 = eqx.error_if(u0, crossed, "ControlProblem: lower > upper")
     outside = (u0 < problem.lower) | (u0 > problem.upper)
     u0 = eqx.error_if(u0, outside.any(), "u_init lies outside the bounds [lower, upper]")
-    return method.run(problem, u0, tol)
+    g0 = jax.grad(problem.cost)(u0)
+    gtol = gradient_tolerance(tol, projected_gradient_norm(problem, u0, g0), u0.dtype)
+    return *method.run(problem, u0, gtol), gtol
 
 
 @eqx.filter_jit
-def _finish(problem, u, history, iterations, result, tol, pontryagin, throw) -> Solution:
+def _finish(problem, u, history, iterations, result, tol, gtol, pontryagin, throw) -> Solution:
     fixed = _constant(problem)  # the analysis is not differentiated: `attach` is
-    cost, states, costates, kkt = analyse(fixed, u, tol)
+    cost, states, costates, kkt = analyse(fixed, u, tol, gtol)
     N1, P, n = states.shape
     X, lam = states.reshape(N1, P * n), -costates.reshape(N1, P * n)
     lin = linearise(fixed, X, u, lam, kkt.tolerance)
@@ -270,9 +289,13 @@ def _finish(problem, u, history, iterations, result, tol, pontryagin, throw) -> 
     solution = (u, X, lam, cost)
     if throw:  # checked before `attach`, whose derivative reads it: never optimised away
         index = jnp.where(
-            result != SUCCESS,
-            jnp.clip(result - 1, 0, 3),
-            jnp.where(~kkt.kkt_ok, 4, jnp.where(~checks, 5, 6)),
+            result == UNBOUNDED,
+            8,
+            jnp.where(
+                result != SUCCESS,
+                jnp.clip(result - 1, 0, 3),
+                jnp.where(~kkt.kkt_ok, 4, jnp.where(~checks, 5, 6)),
+            ),
         )
         failed = ~(converged & lin.ok)
         solution = eqx.branched_error_if(solution, failed, index, [m + _THROW_HINT for m in _THROW])
@@ -310,7 +333,8 @@ def _run_constrained(problem, u0, y0, method, tol):
 def _finish_constrained(problem, u, y, history, iterations, result, tol, throw) -> Solution:
     fixed = _constant(problem)
     mult = Multipliers.unflat(fixed, y)
-    _, _, _, kkt = analyse_constrained(fixed, u, mult, tol)
+    gtol = tol * _constraints.stationarity_scale(fixed, u)
+    _, _, _, kkt = analyse_constrained(fixed, u, mult, tol, gtol)
     active = _constraints.active_set_at(fixed, u, y)
     _, hess, _, J = _constraints._kkt_pieces(fixed, u, y)
     M = _constraints.newton_matrix(fixed, hess, J, active)
@@ -355,8 +379,8 @@ def _solve(problem, u0, method, tol, pontryagin, throw) -> Solution:
     # two compiled pieces: the method's loop (on constants: no derivative flows through
     # the iterations), and the analysis with the implicit derivative (shared by all methods)
     fixed = _constant(problem)
-    u, history, iterations, result = _run(fixed, _constant(u0), method, tol)
-    return _finish(problem, u, history, iterations, result, tol, pontryagin, throw)
+    u, history, iterations, result, gtol = _run(fixed, _constant(u0), method, tol)
+    return _finish(problem, u, history, iterations, result, tol, gtol, pontryagin, throw)
 
 
 def solve(
