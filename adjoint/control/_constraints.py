@@ -45,6 +45,7 @@ from ._base import (
     MAX_STEPS,
     NONFINITE,
     RUNNING,
+    STALLED,
     SUCCESS,
     TARGET,
     AbstractMethod,
@@ -322,23 +323,37 @@ def _active_set(problem, u, y, grad, c) -> ActiveSet:
     return ActiveSet(z < problem.lower, z > problem.upper, equality_rows(problem) | (y + c > 0))
 
 
+def _gradient_and_values(problem: ControlProblem, u, y):
+    """∇_u L and c(u) at (u, y): what the residual needs, without second derivatives."""
+    shape = u.shape
+
+    def lag(v):
+        c = constraint_values(problem, v.reshape(shape)).flat()
+        return plain_cost(problem, v.reshape(shape)) + y @ c, c
+
+    grad, c = jax.grad(lag, has_aux=True)(u.reshape(-1))
+    return grad, c
+
+
 def newton_polish(problem: ControlProblem, u, y, tol, steps: int):
     """Primal–dual active-set Newton on the KKT system from (u, y) (see the module
-    docstring). **Returns:** `(u, y, residual, ok)`: `ok` when the natural residual fell
-    below `tol` (stationarity relative to 1 + ‖∇C‖∞, feasibility absolute) in `steps`
-    iterations, every value finite."""
+    docstring), each step shortened (1, ½, ¼, ⅛) until the natural residual falls; no
+    such step ends the try. **Returns:** `(u, y, residual, ok)`: `ok` when the residual
+    fell below `tol` (stationarity relative to 1 + ‖∇C‖∞, feasibility absolute) in
+    `steps` iterations, every value finite."""
     eq = equality_rows(problem)
 
     def residual(u, y):
         # stationarity relative to 1 + ‖∇C‖∞, the constraint rows absolute: one number,
         # ≤ tol exactly when both tests pass
-        grad, _, c, _ = _kkt_pieces(problem, u, y)
+        grad, c = _gradient_and_values(problem, u, y)
         r_u, r_c = natural_residual(problem, u, y, grad, c)
         scale = stationarity_scale(problem, u)
-        return jnp.maximum(jnp.max(jnp.abs(r_u)) / scale, jnp.max(jnp.abs(r_c), initial=0.0))
+        r = jnp.maximum(jnp.max(jnp.abs(r_u)) / scale, jnp.max(jnp.abs(r_c), initial=0.0))
+        return jnp.where(jnp.isfinite(r), r, jnp.inf)
 
     def body(state):
-        i, u, y, _ = state
+        i, u, y, r, _ = state
         grad, hess, c, J = _kkt_pieces(problem, u, y)
         active = _active_set(problem, u, y, grad, c)
         M = newton_matrix(problem, hess, J, active)
@@ -351,19 +366,31 @@ def newton_polish(problem: ControlProblem, u, y, tol, steps: int):
         held = (active.lower | active.upper).reshape(-1)
         rhs = jnp.concatenate([jnp.where(held, to_bound, -grad), jnp.where(active.rows, -c, -y)])
         step = jnp.linalg.solve(M, rhs)
-        du, dy = step[: flat_u.size], step[flat_u.size :]
-        u_new = u + du.reshape(u.shape)
-        # inactive rows get exactly zero, active inequalities stay ≥ 0
-        y_new = jnp.where(eq, y + dy, jnp.where(active.rows, jnp.maximum(y + dy, 0), 0))
-        r = residual(u_new, y_new)
-        return i + 1, u_new, y_new, r
+        du, dy = step[: flat_u.size].reshape(u.shape), step[flat_u.size :]
+
+        def trial(alpha):
+            u_t = u + alpha * du
+            # inactive rows get exactly zero, active inequalities stay ≥ 0
+            y_t = y + alpha * dy
+            y_t = jnp.where(eq, y_t, jnp.where(active.rows, jnp.maximum(y_t, 0), 0))
+            return u_t, y_t, residual(u_t, y_t)
+
+        def shorten(ls):
+            j, _, _, _ = ls
+            return (j + 1, *trial(0.5 ** (j + 1)))
+
+        u_t, y_t, r_t = trial(1.0)
+        _, u_t, y_t, r_t = jax.lax.while_loop(
+            lambda ls: (ls[3] >= r) & (ls[0] < 3), shorten, (0, u_t, y_t, r_t)
+        )
+        moved = r_t < r
+        keep = lambda new, old: jnp.where(moved, new, old)
+        return i + 1, keep(u_t, u), keep(y_t, y), keep(r_t, r), moved
 
     r0 = residual(u, y)
-    done = lambda s: (s[3] <= tol) | ~jnp.isfinite(s[3])
-    i, u_p, y_p, r = jax.lax.while_loop(
-        lambda s: ~done(s) & (s[0] < steps), body, (jnp.array(0), u, y, r0)
-    )
-    ok = jnp.isfinite(r) & (r <= tol) & jnp.all(jnp.isfinite(u_p))
+    go = lambda s: (s[3] > tol) & s[4] & (s[0] < steps)
+    _, u_p, y_p, r, _ = jax.lax.while_loop(go, body, (jnp.array(0), u, y, r0, jnp.array(True)))
+    ok = (r <= tol) & jnp.all(jnp.isfinite(u_p))
     u_p = jnp.clip(u_p, problem.lower, problem.upper)
     return u_p, y_p, r, ok
 
@@ -440,9 +467,12 @@ class AugmentedLagrangian(AbstractMethod):
             i, u, y, rho, viol_prev, stalled, history, _ = carry
             mult = Multipliers.unflat(problem, y)
             augmented = lagrangian_problem(problem, mult, rho)
+            # each subproblem to a relative tolerance that follows the violation: more
+            # accuracy than the constraints have yet is wasted (the polish ends it)
             pg = projected_gradient_norm(augmented, u, jax.grad(augmented.cost)(u))
+            inner_tol = jnp.clip(0.1 * viol_prev, tol, 1e-2)
             u_new, _, _, inner_status = self.inner.run(
-                augmented, u, gradient_tolerance(tol, pg, dtype)
+                augmented, u, gradient_tolerance(inner_tol, pg, dtype)
             )
             values = constraint_values(problem, u_new)
             viol = violation(values)
@@ -450,11 +480,14 @@ class AugmentedLagrangian(AbstractMethod):
             y_new = jnp.where(eq, y + rho * v, jnp.maximum(0, y + rho * v))
             cost = plain_cost(problem, u_new)
             finite = jnp.isfinite(cost) & jnp.isfinite(viol) & jnp.all(jnp.isfinite(y_new))
+            # ρ grows only when the subproblem was solved and the violation did not fall
+            # by 4×; at the cap, three such outer iterations in a row mean infeasible
+            solved = (inner_status == SUCCESS) | (inner_status == STALLED)
             progress = viol <= 0.25 * viol_prev
             at_cap = rho >= self.penalty_max
-            stalled = jnp.where(progress | ~at_cap, 0, stalled + 1)
+            stalled = jnp.where(progress | ~at_cap | ~solved, 0, stalled + 1)
             rho_new = jnp.where(
-                progress, rho, jnp.minimum(rho * self.penalty_factor, self.penalty_max)
+                progress | ~solved, rho, jnp.minimum(rho * self.penalty_factor, self.penalty_max)
             )
             u_p, y_p, ok = jax.lax.cond(
                 finite & (viol <= self.polish_from),
@@ -486,7 +519,6 @@ class AugmentedLagrangian(AbstractMethod):
                     ),
                 ),
             )
-            del inner_status
             keep = lambda new, old: jnp.where(finite, new, old)
             return (
                 i,
