@@ -207,7 +207,7 @@ class Solution(eqx.Module):
     the constraints' terms included), `multipliers` are differentiable too, and
     `result` 5 means infeasible (see `message`). `hessian_ok` then says the Newton KKT
     matrix at the solution is non-singular (second-order sufficiency on the active
-    constraints' null space is not checked).
+    constraints' null space is not checked) and `min_pivot` is its σ_min/σ_max.
     """
 
     controls: Float[Array, "N m"]
@@ -235,7 +235,10 @@ class Solution(eqx.Module):
         if int(self.result) == SUCCESS and not bool(self.converged):
             text += "; but the KKT / Pontryagin check failed: " + self.kkt.summary()
         if not bool(self.hessian_ok) and self.multipliers is not None:
-            text += f"; the KKT matrix is singular (σ_min {float(self.min_pivot):.2e})"
+            text += (
+                "; the KKT matrix is singular to working precision (σ_min/σ_max "
+                f"{float(self.min_pivot):.1e}): its derivative is not to be trusted"
+            )
         elif not bool(self.hessian_ok):
             text += (
                 f"; the reduced Hessian is not positive definite (min {float(self.min_pivot):.2e})"
@@ -339,7 +342,9 @@ def _finish_constrained(problem, u, y, history, iterations, result, tol, throw) 
     _, hess, _, J = _constraints._kkt_pieces(fixed, u, y)
     M = _constraints.newton_matrix(fixed, hess, J, active)
     singular_values = jnp.linalg.svd(M, compute_uv=False)
-    nonsingular = singular_values[-1] > 1e3 * jnp.finfo(u.dtype).eps * singular_values[0]
+    # singular in floating point: σ_min ≤ size · eps · σ_max
+    size = M.shape[0]
+    nonsingular = singular_values[-1] > size * jnp.finfo(u.dtype).eps * singular_values[0]
     converged = (result == SUCCESS) & kkt.kkt_ok
     solution = (u, y)
     if throw:
@@ -369,7 +374,7 @@ def _finish_constrained(problem, u, y, history, iterations, result, tol, throw) 
         result,
         converged,
         nonsingular,
-        singular_values[-1],
+        singular_values[-1] / singular_values[0],
         weakly,
         mult,
     )
