@@ -26,6 +26,7 @@ SUITES = (
     "ctrnn",
     "continuous_costates",
     "control",
+    "constraints",
     "implicit",
     "parallel_costates",
     "fit",
