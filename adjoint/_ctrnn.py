@@ -179,9 +179,16 @@ class FixedPointSolve(AbstractRelaxation):
 # --------------------------------------------------------------------------------------
 
 
+def _product(a: Array, b: Array) -> Array:
+    """a @ b at full precision: on GPUs, float32 products default to TF32 (10-bit
+    mantissas), with which the fixed point and its adjoint cannot reach the default
+    tolerances (the relaxation stalls above them); on CPUs this is the plain product."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _adjoint_map(weight: Array, derivative: Array, lam: Array) -> Array:
     """λ ↦ Wᵀ F' λ for a batch of row vectors (leading pattern axis)."""
-    return (derivative * lam) @ weight
+    return _product(derivative * lam, weight)
 
 
 def _adjoint_iteration_map(lam, args):
@@ -659,13 +666,13 @@ class CTRNN(eqx.Module):
 
     def _map(self, x: Array, inputs: Array) -> Array:
         """X ↦ F(W X + b + I) on a batch of row vectors."""
-        return apply_activation(self.activation, x @ self.weight.T + self.bias + inputs)
+        return apply_activation(self.activation, _product(x, self.weight.T) + self.bias + inputs)
 
     def _derivative(self, x: Array, inputs: Array) -> Array:
         """F'(A) at the fixed point, from X* = F(A) where the activation allows."""
         if isinstance(self.activation, str):
             return _ACTIVATIONS[self.activation][1](x)
-        a = x @ self.weight.T + self.bias + inputs
+        a = _product(x, self.weight.T) + self.bias + inputs
         return jax.jvp(self.activation, (a,), (jnp.ones_like(a),))[1]
 
     def vector_field(self, t, x: Array, inputs: Array) -> Array:

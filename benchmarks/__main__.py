@@ -84,7 +84,11 @@ def main(argv=None) -> int:
     if args.device is not None:
         import jax
 
-        jax.config.update("jax_platforms", args.device)
+        if args.device == "gpu":  # "gpu" names CUDA or ROCm: let jax find the one present
+            if jax.default_backend() != "gpu":
+                parser.error(f"--device gpu: no GPU backend (jax sees {jax.devices()})")
+        else:
+            jax.config.update("jax_platforms", args.device)
     names = args.only or SUITES
     done, failed = [], []
     for name in tqdm(names, desc="benchmark suites", disable=not sys.stderr.isatty()):
