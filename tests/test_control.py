@@ -174,20 +174,26 @@ def test_parallel_costates_equal_sequential(getkey):
 # ---------------------------------------------------------------- LQR against Riccati
 
 
+# iLQR is exact after its one Newton step (errors measured ≤ 7e-15); the gradient
+# methods stop at their tolerance (measured ≤ 1e-9 and 3e-9): each bound ~100× above
 @pytest.mark.parametrize(
-    "method",
-    [control.ILQR(), control.ProjectedGradient(), control.GradientDescent(optax.sgd(0.1))],
+    "method, tol",
+    [
+        (control.ILQR(), 1e-12),
+        (control.ProjectedGradient(), 1e-7),
+        (control.GradientDescent(optax.sgd(0.1)), 3e-7),
+    ],
     ids=["ilqr", "projected-gradient", "sgd"],
 )
-def test_lqr_equals_riccati(method):
+def test_lqr_equals_riccati(method, tol):
     x0 = np.array([1.0, -0.5])
     prob = _lqr(x0)
     sol = control.solve(prob, jnp.zeros((N, 1)), method)
     us, xs, costates = _riccati_rollout(x0)
     assert bool(sol.converged), sol.message
-    assert np.max(np.abs(sol.controls - us)) < 1e-6
-    assert np.max(np.abs(sol.states - xs)) < 1e-6
-    assert np.max(np.abs(sol.costates - costates)) < 1e-6  # B(k) = −2 P(k) X(k)
+    assert np.max(np.abs(sol.controls - us)) < tol
+    assert np.max(np.abs(sol.states - xs)) < tol
+    assert np.max(np.abs(sol.costates - costates)) < tol  # B(k) = −2 P(k) X(k)
     assert bool(sol.kkt.ok)
     assert float(jnp.max(sol.kkt.stationarity)) <= float(sol.kkt.tolerance)
     h = sol.history

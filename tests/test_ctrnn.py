@@ -240,7 +240,7 @@ def test_continuous_learning(getkey):
         net, inputs, cost, t1=1e-3, tau_w=1.0, x0=x, b0=adjoint_sol.costate, num_saves=7
     )
     dw = short.ctrnn.weight - net.weight
-    assert tree_max_rel_error(dw, -1e-3 * adjoint_sol.grads.weight) < 1e-2
+    assert tree_max_rel_error(dw, -1e-3 * adjoint_sol.grads.weight) < 3e-5  # measured 2.6e-7
     # A long run from rest lowers the cost at the fixed point of the trained network.
     long = adj.continuous_learning(net, inputs, cost, t1=60.0, tau_w=5.0, num_saves=7)
     before = float(cost(net(inputs)))

@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -140,6 +141,45 @@ def test_single_pattern_and_shapes(getkey):
     assert [t.shape for t in traj] == [(3,), (5,), (4,), (4,), (2,)]
     batch = tsys.trajectory(jnp.ones((7, 3)))
     assert [t.shape for t in batch] == [(7, 3), (7, 5), (7, 4), (7, 4), (7, 2)]
+
+
+_NUMPY_ACTIVATIONS = {
+    "tanh": np.tanh,
+    "sigmoid": lambda a: 1 / (1 + np.exp(-a)),
+    "relu": lambda a: np.maximum(a, 0),
+    "identity": lambda a: a,
+}
+
+
+# measured: 1.7e-16 (float64), 6.7e-8 (float32 against the float64 formula)
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-14), (jnp.float32, 1e-5)])
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])
+def test_dense_forward_is_the_formula(dtype, tol, use_bias, getkey):
+    """Dense: X(k) = F(W X(k-1) + b) against the formula in NumPy (float64), one pattern
+    and a batch, every named activation and a callable; W, b ~ U(−1/√in, 1/√in); the
+    unrolled and stacked cascades are the formula applied stage after stage."""
+    x = np.random.default_rng(0).normal(size=(7, 5))
+    for name, f in [*_NUMPY_ACTIVATIONS.items(), (jnp.sin, np.sin)]:
+        d = aj.Dense(5, 4, name, use_bias=use_bias, dtype=dtype, key=getkey())
+        assert d.weight.shape == (4, 5) and d.weight.dtype == dtype
+        assert (d.bias is None) == (not use_bias)
+        w = np.asarray(d.weight, np.float64)
+        b = np.zeros(4) if d.bias is None else np.asarray(d.bias, np.float64)
+        assert np.abs(w).max() <= 1 / 5**0.5 and np.abs(b).max() <= 1 / 5**0.5
+        ref = f(x @ w.T + b)
+        assert np.abs(np.asarray(jax.vmap(d)(jnp.asarray(x, dtype))) - ref).max() < tol, name
+        assert np.abs(np.asarray(d(jnp.asarray(x[2], dtype))) - ref[2]).max() < tol, name
+    # cascades: X(k) = tanh(W(k) X(k-1) + b(k)), k = 1..3, in both layouts
+    stages = [aj.Dense(5, 5, use_bias=use_bias, dtype=dtype, key=getkey()) for _ in range(3)]
+    states = [x]
+    for s in stages:
+        bias = 0 if s.bias is None else np.asarray(s.bias, np.float64)
+        states.append(np.tanh(states[-1] @ np.asarray(s.weight, np.float64).T + bias))
+    unrolled = aj.Multistage(stages).trajectory(jnp.asarray(x, dtype))
+    stacked = aj.Multistage.stack(stages).trajectory(jnp.asarray(x, dtype))
+    for k in range(4):
+        assert np.abs(np.asarray(unrolled[k]) - states[k]).max() < tol
+        assert np.abs(np.asarray(stacked[k]) - states[k]).max() < tol
 
 
 def test_vmap_of_grad_and_grad_of_vmap(getkey):

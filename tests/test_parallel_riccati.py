@@ -130,8 +130,10 @@ def test_solve_pendulum_parallel_equals_sequential():
     par = control.solve(prob, u0, control.ILQR(backward=control.ParallelRiccati()))
     assert bool(seq.converged) and bool(par.converged), (seq.message, par.message)
     assert float(par.cost) < 0.5 * float(prob.cost(u0))
-    np.testing.assert_allclose(par.controls, seq.controls, atol=1e-6)
-    np.testing.assert_allclose(par.costates, seq.costates, atol=1e-6)
+    # the two backward passes agree to rounding, and so do the solves (measured 2.5e-14
+    # and 1.1e-12, both after 52 iterations)
+    np.testing.assert_allclose(par.controls, seq.controls, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(par.costates, seq.costates, rtol=0, atol=1e-10)
 
 
 def test_solve_batch_of_initial_states():
@@ -141,7 +143,7 @@ def test_solve_batch_of_initial_states():
     seq = control.solve(prob, u0, control.ILQR())
     par = control.solve(prob, u0, control.ILQR(backward=control.ParallelRiccati()))
     assert bool(seq.converged) and bool(par.converged)
-    np.testing.assert_allclose(par.controls, seq.controls, atol=1e-6)
+    np.testing.assert_allclose(par.controls, seq.controls, rtol=0, atol=1e-11)  # measured 1.1e-13
 
 
 def test_float32():
@@ -186,4 +188,4 @@ def test_jit_and_vmap_over_initial_states():
     batched = jax.vmap(solved)(x0s)
     for i in range(2):
         ref = control.solve(_with(x0=x0s[i]), jnp.zeros((_N, 1)), control.ILQR())
-        np.testing.assert_allclose(batched[i], ref.controls, atol=1e-6)
+        np.testing.assert_allclose(batched[i], ref.controls, rtol=0, atol=1e-11)  # measured 4e-14
