@@ -30,7 +30,7 @@ import adjoint as aj
 
 settings.register_profile(
     "ci",
-    max_examples=12,
+    max_examples=8,
     deadline=None,
     derandomize=True,
     database=None,
