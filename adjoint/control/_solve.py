@@ -268,13 +268,18 @@ _THROW = (
 _THROW_HINT = " (pass throw=False for the flagged Solution)"
 
 
-@eqx.filter_jit
-def _run(problem: ControlProblem, u0: Array, method: AbstractMethod, tol: float):
-    # traced bounds are checked here first, before anything reads them
+def _checked_start(problem: ControlProblem, u0: Array) -> Array:
+    """Traced bounds and u_init, checked first inside the compiled solve, before
+    anything reads them (concrete ones were checked by `solve` already)."""
     crossed = jnp.any(problem.lower > problem.upper)
     u0 = eqx.error_if(u0, crossed, "ControlProblem: lower > upper")
     outside = (u0 < problem.lower) | (u0 > problem.upper)
-    u0 = eqx.error_if(u0, outside.any(), "u_init lies outside the bounds [lower, upper]")
+    return eqx.error_if(u0, outside.any(), "u_init lies outside the bounds [lower, upper]")
+
+
+@eqx.filter_jit
+def _run(problem: ControlProblem, u0: Array, method: AbstractMethod, tol: float):
+    u0 = _checked_start(problem, u0)
     g0 = jax.grad(problem.cost)(u0)
     gtol = gradient_tolerance(tol, projected_gradient_norm(problem, u0, g0), u0.dtype)
     return *method.run(problem, u0, gtol), gtol
@@ -325,11 +330,7 @@ def _finish(problem, u, history, iterations, result, tol, gtol, pontryagin, thro
 
 @eqx.filter_jit
 def _run_constrained(problem, u0, y0, method, tol):
-    crossed = jnp.any(problem.lower > problem.upper)
-    u0 = eqx.error_if(u0, crossed, "ControlProblem: lower > upper")
-    outside = (u0 < problem.lower) | (u0 > problem.upper)
-    u0 = eqx.error_if(u0, outside.any(), "u_init lies outside the bounds [lower, upper]")
-    return method.run(problem, u0, tol, y0)
+    return method.run(problem, _checked_start(problem, u0), tol, y0)
 
 
 @eqx.filter_jit
