@@ -299,11 +299,9 @@ class ControlProblem(eqx.Module):
         x = jax.ShapeDtypeStruct((n,), self.dtype)
         u = jax.ShapeDtypeStruct((m,), self.dtype)
         k = jax.ShapeDtypeStruct((), jnp.int32)
-        for name, fn, args, want in (
-            ("dynamics", self.dynamics, (x, u, k), (n,)),
-            ("running_cost", self.running_cost, (x, u, k), ()),
-            ("terminal_cost", self.terminal_cost, (x,), ()),
-        ):
+
+        def output_shape(name, fn, args):
+            """The shape `fn` returns on abstract arguments (None if not one array)."""
             try:
                 out = jax.eval_shape(fn, *args)
             except Exception as err:
@@ -311,8 +309,15 @@ class ControlProblem(eqx.Module):
                     f"ControlProblem: {name} failed on x of shape ({n},) (from x0) and u of "
                     f"shape ({m},) (m = {m} from {source}): {type(err).__name__}: {err}"
                 ) from None
-            shape = getattr(out, "shape", None)
-            if not isinstance(out, jax.ShapeDtypeStruct) or shape != want:
+            return out.shape if isinstance(out, jax.ShapeDtypeStruct) else None, out
+
+        for name, fn, args, want in (
+            ("dynamics", self.dynamics, (x, u, k), (n,)),
+            ("running_cost", self.running_cost, (x, u, k), ()),
+            ("terminal_cost", self.terminal_cost, (x,), ()),
+        ):
+            shape, out = output_shape(name, fn, args)
+            if shape != want:
                 what = "a scalar" if want == () else f"a state of shape {want}"
                 raise ValueError(
                     f"ControlProblem: {name} must return {what}; got "
@@ -330,15 +335,8 @@ class ControlProblem(eqx.Module):
             if fn is None:
                 sizes.append(0)
                 continue
-            try:
-                out = jax.eval_shape(fn, *args)
-            except Exception as err:
-                raise ValueError(
-                    f"ControlProblem: {name} failed on x of shape ({n},) and u of shape "
-                    f"({m},): {type(err).__name__}: {err}"
-                ) from None
-            shape = getattr(out, "shape", None)
-            if not isinstance(out, jax.ShapeDtypeStruct) or shape is None or len(shape) != 1:
+            shape, out = output_shape(name, fn, args)
+            if shape is None or len(shape) != 1:
                 got = shape if shape is not None else type(out).__name__
                 raise ValueError(
                     f"ControlProblem: {name} must return a vector of constraint values of "
