@@ -139,7 +139,7 @@ def check_gradients(
         fd_err.append(jnp.abs(an - fd) / jnp.maximum(jnp.abs(an), jnp.abs(value) * epsilon))
 
     # B(0) = −dC/dX(0)
-    dx = -record.input_costate
+    dx = -record.initial_costate
     x_err = _rel(jnp.max(jnp.abs(dx - ref_x)), jnp.max(jnp.abs(ref_x)))
     v = jax.random.normal(keys[0], jnp.shape(x0), dtype)
     fd = (total(params, x0 + epsilon * v) - total(params, x0 - epsilon * v)) / (2 * epsilon)

@@ -13,6 +13,7 @@ X(0) = x0 is a boundary condition, not a variable; B(0) = −dC/dX(0) is the cos
 sensitivity to the input (a shadow price).
 """
 
+import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -21,17 +22,17 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
-from ._multistage import Multistage, _forward, _system_grads, _unbatch, costate_recursion
-
-
-def _is_none(x):
-    return x is None
-
-
-def _tree_add(a, b):
-    return jtu.tree_map(
-        lambda x, y: y if x is None else (x if y is None else x + y), a, b, is_leaf=_is_none
-    )
+from ._misc import _tree_add
+from ._multistage import (
+    Multistage,
+    _combine,
+    _forward,
+    _parts,
+    _split_shared,
+    _system_grads,
+    _unbatch,
+    costate_recursion,
+)
 
 
 def _check_scalar(cost: Callable, states) -> None:
@@ -57,15 +58,26 @@ class CostateRecord(eqx.Module):
     - `value`: C.
     - `states`: X(0..N) (tuple, or an array with leading axis N+1 when stacked).
     - `costates`: B(1..N) = −∂C/∂X in the paper's sign, same layout without X(0).
-    - `input_costate`: B(0) = −dC/dX(0), the sensitivity of the cost to the input.
+    - `initial_costate`: B(0) = −dC/dX(0), the sensitivity of the cost to the input
+      (the one name of B(0) across the package).
     - `grads`: dC/dW, shaped like `eqx.filter(system, eqx.is_inexact_array)`.
     """
 
     value: Scalar
     states: PyTree[Array]
     costates: PyTree[Array]
-    input_costate: Array
+    initial_costate: Array
     grads: Multistage
+
+    @property
+    def input_costate(self) -> Array:
+        """Deprecated name of `initial_costate` (removed in the next release)."""
+        warnings.warn(
+            "CostateRecord.input_costate is deprecated: use initial_costate",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.initial_costate
 
 
 def costates(
@@ -152,8 +164,10 @@ def _residuals(system: Multistage, x0b: Array, states_b) -> PyTree[Array]:
     """X(k) − f_k(X(k-1)) for k = 1..N, with X(0) = x0."""
     if system.stacked:
         prev = jnp.concatenate([x0b[None], states_b[1:-1]])
-        dynamic, static = eqx.partition(system.stages, eqx.is_array)
-        applied = jax.vmap(lambda d, x: jax.vmap(eqx.combine(d, static))(x))(dynamic, prev)
+        per_stage, shared, static = _parts(system)
+        applied = jax.vmap(lambda d, x: jax.vmap(_combine(d, shared, static))(x), in_axes=(0, 0))(
+            per_stage, prev
+        )
         return states_b[1:] - applied
     prev = (x0b,) + tuple(states_b[1:-1])
     return tuple(x - jax.vmap(s)(xp) for s, xp, x in zip(system.stages, prev, states_b[1:]))
@@ -261,14 +275,18 @@ def kkt_residuals(
     d_system, d_states, d_costates = eqx.filter_grad(lag)((system, states, costates))
     backward = d_states[1:]
     n = system.n_stages
-    optimality = d_system.stages
+    optimality = eqx.filter(d_system.stages, eqx.is_array)
+    if system.stacked:
+        # A shared leaf has no stage axis: its residual ∂L/∂W is one sum over all
+        # stages, reported in `optimality` but not in the per-stage norms.
+        optimality, _ = _split_shared(system, optimality)
     return KKTResiduals(
         forward=d_costates,
         backward=backward,
         optimality=d_system,
         forward_norms=_per_stage_max(d_costates, system.stacked, n),
         backward_norms=_per_stage_max(backward, system.stacked, n),
-        optimality_norms=_per_stage_max(eqx.filter(optimality, eqx.is_array), system.stacked, n),
+        optimality_norms=_per_stage_max(optimality, system.stacked, n),
     )
 
 

@@ -10,7 +10,8 @@ to a custom VJP. The paper's multiplier is B(k) = −λ(k); `adjoint.costates` r
 """
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import no_type_check
 
 import equinox as eqx
 import jax
@@ -37,15 +38,30 @@ class AbstractAdjoint(eqx.Module):
         return self.trajectory(system, x0)[-1]
 
 
-class CostateAdjoint(AbstractAdjoint):
-    """Differentiate with the explicit costate recursion (a custom VJP).
+class AbstractCostateAdjoint(AbstractAdjoint):
+    """A strategy that differentiates with the costate recursion: the forward pass
+    stores the states (or, with `checkpoint_every`, every k-th state) and the backward
+    pass, `backward`, solves
 
-    The forward pass stores the states X(0..N) and nothing else; the backward pass
-    runs λ(k-1) = ∂f_kᵀ/∂X(k-1) · λ(k) + ∂C/∂X(k-1) from k = N down to 1 using each
-    stage's `costate` (analytic where the stage provides one, `jax.vjp` of that stage
-    alone otherwise). The backward pass is itself differentiable JAX, so grad-of-grad
-    works.
+        λ(N) = ∂C/∂X(N),   λ(k-1) = ∂f_kᵀ/∂X(k-1) · λ(k) + ∂C/∂X(k-1),
+        dC/dW(k) = ∂f_kᵀ/∂W(k) · λ(k)   (summed over k for a shared leaf W),
+
+    for λ(0) and the control gradients. The strategies share one custom VJP and differ
+    only in how they solve the recursion.
     """
+
+    @abc.abstractmethod
+    def backward(
+        self,
+        system: "Multistage",
+        x0: Array,
+        residuals: "_Residuals",
+        ct_trajectory: PyTree[Array] | None,
+        ct_final: Array | None,
+    ) -> tuple[Array, PyTree[Array]]:
+        """The backward pass: `(λ(0), control gradients in the stages' own layout)`,
+        from the forward pass's `residuals` and the cotangent of the trajectory
+        (`ct_trajectory`, ∂C/∂X(0..N)) or of X(N) alone (`ct_final`)."""
 
     def trajectory(self, system, x0):
         return _costate_trajectory((system, x0), False)
@@ -54,11 +70,46 @@ class CostateAdjoint(AbstractAdjoint):
         return _costate_trajectory((system, x0), True)
 
 
+class CostateAdjoint(AbstractCostateAdjoint):
+    """Differentiate with the explicit costate recursion, run sequentially.
+
+    The forward pass stores the states X(0..N) and nothing else (every k-th state with
+    `Multistage(checkpoint_every=k)`); the backward pass runs
+    λ(k-1) = ∂f_kᵀ/∂X(k-1) · λ(k) + ∂C/∂X(k-1) from k = N down to 1 using each stage's
+    `costate` (analytic where the stage provides one, `jax.vjp` of that stage alone
+    otherwise), summing the gradients of shared leaves in the scan carry. The backward
+    pass is itself differentiable JAX, so grad-of-grad works.
+    """
+
+    def backward(self, system, x0, residuals, ct_trajectory, ct_final):
+        if not system.stacked:
+            n = len(system.stages)
+            cts = (None,) * n + (ct_final,) if ct_trajectory is None else ct_trajectory
+            lam0, stage_grads, _ = _recursion_tuple(
+                system, residuals.states, cts, keep_costates=False
+            )
+            return lam0, stage_grads
+        if residuals.states is None:
+            return _recursion_checkpointed(system, x0, residuals.checkpoints, ct_final)
+        lam0, stage_grads, _ = _recursion_stacked(
+            system, x0, residuals.states, ct_trajectory, ct_final, keep_costates=False
+        )
+        return lam0, stage_grads
+
+
 class AutodiffAdjoint(AbstractAdjoint):
-    """Differentiate the plain forward pass with JAX's reverse mode (the baseline)."""
+    """Differentiate the plain forward pass with JAX's reverse mode (the baseline).
+
+    With `Multistage(checkpoint_every=k)` the stacked forward pass of `__call__` is
+    wrapped in `jax.checkpoint` per segment of k stages."""
 
     def trajectory(self, system, x0):
         return _forward(system, x0)
+
+    def final(self, system, x0):
+        if system.stacked and system.checkpoint_every is not None:
+            return _forward_remat(system, x0)
+        return _forward(system, x0)[-1]
 
 
 class Multistage(eqx.Module):
@@ -76,8 +127,19 @@ class Multistage(eqx.Module):
     **Arguments:**
 
     - `stages`: as above.
-    - `adjoint`: how the system is differentiated; `CostateAdjoint()` (default) or
-      `AutodiffAdjoint()`.
+    - `adjoint`: how the system is differentiated; `CostateAdjoint()` (default),
+      `ParallelCostates()` (stacked layout) or `AutodiffAdjoint()`.
+    - `shared` (stacked layout): a function selecting the leaves of the stacked stage
+      that are *shared by every stage* (as `eqx.tree_at`'s `where`, e.g.
+      `lambda s: s.cell`). These carry no stage axis; every stage uses the same value:
+      the equality constraints W(1) = … = W(N) = W, whose gradient
+      dC/dW = Σ_k ∂f_kᵀ/∂W · λ(k) is summed in the backward scan's carry (memory
+      O(|W|), not O(N |W|)).
+    - `checkpoint_every` (stacked layout): None (store all N+1 states) or k: calling
+      the system stores only X(0), X(k), X(2k), … and the backward pass recomputes each
+      segment of k states before running the recursion over it (memory about
+      (N/k + k) states instead of N; about one extra forward pass; k ≈ √N minimises
+      memory). `trajectory` returns every state anyway, so it stores them.
     - `check_finite`: if True, the forward and backward passes raise (under `jit`
       too) naming where the first non-finite value appeared: the input X(0), a state
       X(k), a costate B(k) (B(0) included) or a control gradient dC/dW(k).
@@ -90,23 +152,44 @@ class Multistage(eqx.Module):
     adjoint: AbstractAdjoint
     stacked: bool = eqx.field(static=True)
     check_finite: bool = eqx.field(static=True)
+    shared_leaves: tuple[bool, ...] | None = eqx.field(static=True)
+    checkpoint_every: int | None = eqx.field(static=True)
 
+    @no_type_check  # checks its own arguments, naming the one at fault
     def __init__(
         self,
         stages: Sequence[AbstractStage] | AbstractStage,
         *,
         adjoint: AbstractAdjoint = CostateAdjoint(),
+        shared: Callable[[AbstractStage], PyTree] | None = None,
+        checkpoint_every: int | None = None,
         check_finite: bool = False,
     ):
         if not isinstance(adjoint, AbstractAdjoint):
             raise TypeError(f"adjoint must be an AbstractAdjoint, got {type(adjoint).__name__}")
+        if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, int)
+            or isinstance(checkpoint_every, bool)
+            or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be None or a positive int, got {checkpoint_every!r}"
+            )
         self.adjoint = adjoint
         self.check_finite = bool(check_finite)
+        self.checkpoint_every = checkpoint_every
         if isinstance(stages, AbstractStage):
             self.stacked = True
             self.stages = stages
-            _check_stacked(stages)
+            self.shared_leaves = None if shared is None else _shared_leaves(stages, shared)
+            _check_stacked(stages, self.shared_leaves)
         elif isinstance(stages, Sequence) and not isinstance(stages, str):
+            for name, value in (("shared", shared), ("checkpoint_every", checkpoint_every)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name} applies to the stacked layout (one stacked stage); got "
+                        f"a sequence of stages"
+                    )
             stages = tuple(stages)
             if len(stages) == 0:
                 raise ValueError("Multistage needs at least one stage; got none")
@@ -117,6 +200,7 @@ class Multistage(eqx.Module):
                     )
             self.stacked = False
             self.stages = stages
+            self.shared_leaves = None
             _check_chain(stages)
         else:
             raise TypeError(
@@ -153,7 +237,8 @@ class Multistage(eqx.Module):
     def n_stages(self) -> int:
         """N, the number of stages."""
         if self.stacked:
-            return jtu.tree_leaves(eqx.filter(self.stages, eqx.is_array))[0].shape[0]
+            per_stage, _, _ = _parts(self)
+            return jtu.tree_leaves(per_stage)[0].shape[0]
         return len(self.stages)
 
     def stage(self, k: int) -> AbstractStage:
@@ -162,8 +247,8 @@ class Multistage(eqx.Module):
         if not 1 <= k <= n:
             raise IndexError(f"stage index {k} out of range 1..{n}")
         if self.stacked:
-            dynamic, static = eqx.partition(self.stages, eqx.is_array)
-            return eqx.combine(jtu.tree_map(lambda x: x[k - 1], dynamic), static)
+            per_stage, shared, static = _parts(self)
+            return _combine(jtu.tree_map(lambda x: x[k - 1], per_stage), shared, static)
         return self.stages[k - 1]
 
     @property
@@ -242,19 +327,76 @@ def _check_chain(stages: tuple[AbstractStage, ...]) -> None:
         shape = out.shape
 
 
-def _check_stacked(stage: AbstractStage) -> None:
-    leaves = jtu.tree_leaves(eqx.filter(stage, eqx.is_array))
+def _shared_leaves(stage: AbstractStage, shared: object) -> tuple[bool, ...]:
+    """Which leaves of `stage` (in `jtu.tree_leaves` order) `shared` selects."""
+    if not callable(shared):
+        raise TypeError(
+            "shared must be a function selecting part of the stacked stage (as "
+            f"eqx.tree_at's `where`, e.g. lambda s: s.cell), got {type(shared).__name__}"
+        )
+    flags = jtu.tree_map(lambda _: False, stage)
+    try:
+        flags = eqx.tree_at(
+            shared, flags, replace_fn=lambda node: jtu.tree_map(lambda _: True, node)
+        )
+    except Exception as err:
+        raise ValueError(
+            f"shared must select part of the stacked {type(stage).__name__}: "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    mask = tuple(jtu.tree_leaves(flags))
+    if not any(mask):
+        raise ValueError(f"shared selects no leaf of the stacked {type(stage).__name__}")
+    return mask
+
+
+def _split_shared(system: Multistage, tree):
+    """`tree` (shaped like the stacked stage, `None` allowed at leaves) split into its
+    per-stage part and its shared part, each with `None` in the other's places. The
+    shared part is None when the system has no shared leaves."""
+    return _split_by_mask(system.stages, system.shared_leaves, tree)
+
+
+def _split_by_mask(stage, mask, tree):
+    if mask is None:
+        return tree, None
+    treedef = jtu.tree_structure(stage)
+    leaves = treedef.flatten_up_to(tree)
+    per_stage = treedef.unflatten([None if m else x for x, m in zip(leaves, mask)])
+    shared = treedef.unflatten([x if m else None for x, m in zip(leaves, mask)])
+    return per_stage, shared
+
+
+def _parts(system: Multistage):
+    """The stacked stage as (per-stage arrays with leading axis N, shared arrays or
+    None, everything else)."""
+    dynamic, static = eqx.partition(system.stages, eqx.is_array)
+    per_stage, shared = _split_shared(system, dynamic)
+    return per_stage, shared, static
+
+
+def _combine(per_stage, shared, static):
+    if shared is None:
+        return eqx.combine(per_stage, static)
+    return eqx.combine(per_stage, shared, static)
+
+
+def _check_stacked(stage: AbstractStage, mask: tuple[bool, ...] | None) -> None:
+    dynamic, static = eqx.partition(stage, eqx.is_array)
+    per_stage, shared = _split_by_mask(stage, mask, dynamic)
+    leaves = jtu.tree_leaves(per_stage)
     hint = " (to build a one-stage system pass a list: Multistage([stage]))"
     if not leaves or any(leaf.ndim == 0 for leaf in leaves):
-        raise ValueError("a stacked stage needs controls with a leading stage axis N" + hint)
+        raise ValueError(
+            "a stacked stage needs per-stage arrays with a leading stage axis N" + hint
+        )
     lengths = {leaf.shape[0] for leaf in leaves}
     if len(lengths) != 1:
         raise ValueError(
-            f"a stacked stage's arrays must share their leading axis N; got lengths "
-            f"{sorted(lengths)}" + hint
+            f"a stacked stage's per-stage arrays must share their leading axis N; got "
+            f"lengths {sorted(lengths)}" + hint
         )
-    dynamic, static = eqx.partition(stage, eqx.is_array)
-    one = eqx.combine(jtu.tree_map(lambda x: x[0], dynamic), static)
+    one = _combine(jtu.tree_map(lambda x: x[0], per_stage), shared, static)
     shape = one.in_shape
     if shape is None:
         return
@@ -316,21 +458,97 @@ def _backward_nonfinite_error(x, lam_flags: Array, grad_flags: Array, lam0_flag:
     return eqx.branched_error_if(x, bad.any(), jnp.argmax(bad), msgs)
 
 
-def _forward_stacked(system: Multistage, x0: Array) -> Array:
-    """X(1..N) of the stacked layout as one array (N, P, ...), by `lax.scan`."""
-    dynamic, static = eqx.partition(system.stages, eqx.is_array)
+def _scan_states(parts, x0: Array, per_stage, *, store: bool, check: bool):
+    """X(k) = f_k(X(k-1)) over the stages of `per_stage` (a run of the stacked layout)
+    by `lax.scan`: returns (last state, the states if `store`, per-stage finiteness
+    flags if `check`)."""
+    _, shared, static = parts
 
     def step(x, d):
-        x = jax.vmap(eqx.combine(d, static))(x)
-        return x, x
+        x = jax.vmap(_combine(d, shared, static))(x)
+        return x, (x if store else None, jnp.isfinite(x).all() if check else None)
 
+    x_last, (xs, flags) = jax.lax.scan(step, x0, per_stage)
+    return x_last, xs, flags
+
+
+def _segments(tree, every: int, n: int):
+    """Split the leading axis N of `tree` into q = N // every segments of `every`
+    stages (leading axes (q, every)) and a tail of r = N mod every stages."""
+    q, r = divmod(n, every)
+    main = jtu.tree_map(lambda a: a[: q * every].reshape((q, every) + a.shape[1:]), tree)
+    tail = jtu.tree_map(lambda a: a[q * every :], tree)
+    return main, tail, q, r
+
+
+def _forward_stacked(system: Multistage, x0: Array) -> Array:
+    """X(1..N) of the stacked layout as one array (N, P, ...), by `lax.scan`."""
     if system.check_finite:
         x0 = _input_error(x0)
-    _, xs = jax.lax.scan(step, x0, dynamic)
+    _, xs, flags = _scan_states(
+        _parts(system), x0, _parts(system)[0], store=True, check=system.check_finite
+    )
     if system.check_finite:
-        flags = jnp.isfinite(xs).reshape(xs.shape[0], -1).all(axis=1)
         xs = _nonfinite_error(xs, flags, "state X({k})")
     return xs
+
+
+class _Checkpoints(eqx.Module):
+    """What a checkpointed forward pass stores: X(0), X(k), …, X((q-1)k) (`starts`,
+    leading axis q) and X(qk), the start of the tail of N mod k stages."""
+
+    starts: Array
+    tail_start: Array
+
+
+def _forward_checkpointed(system: Multistage, x0: Array) -> tuple[Array, _Checkpoints]:
+    """X(N), storing only every `checkpoint_every`-th state."""
+    check = system.check_finite
+    if check:
+        x0 = _input_error(x0)
+    parts = _parts(system)
+    main, tail, q, r = _segments(parts[0], system.checkpoint_every, system.n_stages)
+
+    def segment(x, d_seg):
+        x_end, _, flags = _scan_states(parts, x, d_seg, store=False, check=check)
+        return x_end, (x, flags)
+
+    if q:
+        x_q, (starts, main_flags) = jax.lax.scan(segment, x0, main)
+    else:
+        x_q, starts, main_flags = x0, jnp.zeros((0,) + x0.shape, x0.dtype), None
+    x_n, tail_flags = x_q, None
+    if r:
+        x_n, _, tail_flags = _scan_states(parts, x_q, tail, store=False, check=check)
+    if check:
+        flags = [f for f in (main_flags, tail_flags) if f is not None]
+        flags = jnp.concatenate([f.reshape(-1) for f in flags])
+        x_n = _nonfinite_error(x_n, flags, "state X({k})")
+    return x_n, _Checkpoints(starts, x_q)
+
+
+def _forward_remat(system: Multistage, x0: Array) -> Array:
+    """X(N) by plain `lax.scan`, with `jax.checkpoint` on each segment of
+    `checkpoint_every` stages (the `AutodiffAdjoint` counterpart of checkpointing)."""
+    if system.check_finite:
+        x0 = _input_error(x0)
+    parts = _parts(system)
+    main, tail, q, r = _segments(parts[0], system.checkpoint_every, system.n_stages)
+    check = system.check_finite
+
+    @jax.checkpoint
+    def segment(x, d_seg):
+        x_end, _, flags = _scan_states(parts, x, d_seg, store=False, check=check)
+        return x_end, flags
+
+    x, main_flags = jax.lax.scan(segment, x0, main) if q else (x0, None)
+    tail_flags = None
+    if r:
+        x, _, tail_flags = _scan_states(parts, x, tail, store=False, check=check)
+    if check:
+        flags = [f.reshape(-1) for f in (main_flags, tail_flags) if f is not None]
+        x = _nonfinite_error(x, jnp.concatenate(flags), "state X({k})")
+    return x
 
 
 def _forward_tuple(system: Multistage, x0: Array) -> tuple[Array, ...]:
@@ -379,8 +597,9 @@ def costate_recursion(
     `state_cotangents` ∂C/∂X(0..N) in the same layout, `None` meaning zero.
 
     **Returns:** `(lam0, stage_grads, lams)`: λ(0) = dC/dX(0); the stages' control
-    gradients ∂f_kᵀ/∂W(k) · λ(k) in the stages' own layout; λ(1..N) if
-    `keep_costates` (a tuple, or an array with leading axis N), else None.
+    gradients ∂f_kᵀ/∂W(k) · λ(k) in the stages' own layout (a shared leaf's summed
+    over k); λ(1..N) if `keep_costates` (a tuple, or an array with leading axis N),
+    else None.
     """
     if system.stacked:
         return _recursion_stacked(
@@ -414,14 +633,88 @@ def _recursion_tuple(system, states, cts, keep_costates):
     return lam0, grads, (tuple(lams[1:]) if keep_costates else None)
 
 
-def _recursion_stacked(system, x0, xs, ct_trajectory, ct_final, keep_costates):
-    """The recursion as a reversed `lax.scan` over stage indices i = k − 1.
+def _shared_zeros(shared):
+    """The running sum Σ_k ∂f_kᵀ/∂W · λ(k) of the shared leaves, started at zero in
+    each control's own dtype (non-differentiable leaves: None)."""
+    return jtu.tree_map(lambda w: jnp.zeros_like(w) if eqx.is_inexact_array(w) else None, shared)
 
-    The states X(1..N) (`xs`) and the trajectory's cotangent (N+1, P, ...) are read by
-    index inside the loop, so nothing is sliced or concatenated outside it; when the
-    cost reads X(N) alone (`ct_final`) no per-stage cotangent is added at all.
+
+def _accumulate(acc, grad_shared):
+    """acc + grad, each term cast to its control's dtype (as `jax.grad` sums the uses
+    of a float16 weight on float32 states)."""
+    return jtu.tree_map(
+        lambda a, g: a if a is None or g is None else a + g.astype(a.dtype),
+        acc,
+        grad_shared,
+        is_leaf=_is_none,
+    )
+
+
+def _is_none(x):
+    return x is None
+
+
+def _scan_costates(system, parts, x0, xs, per_stage, ct_trajectory, lam, acc, keep_costates):
+    """The recursion over one run of stages as a reversed `lax.scan` over the stage
+    indices i = k − 1 of `per_stage`.
+
+    `xs` holds X(1..L) of the run and `x0` the state before it; they and the
+    trajectory's cotangent (L+1, P, ...) are read by index inside the loop, so nothing
+    is sliced or concatenated outside it. The carry holds λ and, for shared leaves,
+    the running sum of their gradients `acc`.
+
+    Returns (λ(0), acc, per-stage gradients, λ(1..L) if `keep_costates`, and the
+    finiteness flags of λ(k) and dC/dW(k) if `system.check_finite`).
     """
-    dynamic, static = eqx.partition(system.stages, eqx.is_array)
+    _, shared, static = parts
+    n = xs.shape[0]
+    check = system.check_finite
+
+    def step(carry, inputs):
+        lam, acc = carry
+        d, i = inputs
+        x_next = jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)
+        x_prev = jax.lax.dynamic_index_in_dim(xs, jnp.maximum(i - 1, 0), keepdims=False)
+        x_prev = jnp.where(i == 0, x0, x_prev)
+        lam_prev, grad = _combine(d, shared, static).costate(x_prev, x_next, lam)
+        grad = eqx.filter(grad, eqx.is_array)
+        grad_stage, grad_shared = _split_shared(system, grad)
+        if grad_shared is not None:
+            acc = _accumulate(acc, grad_shared)
+        if ct_trajectory is not None:
+            lam_prev = lam_prev + jax.lax.dynamic_index_in_dim(ct_trajectory, i, keepdims=False)
+        flags = (jnp.isfinite(lam).all(), _all_finite(grad)) if check else None
+        return (lam_prev, acc), (grad_stage, lam if keep_costates else None, flags)
+
+    (lam0, acc), (grads, lams, flags) = jax.lax.scan(
+        step, (lam, acc), (per_stage, jnp.arange(n)), reverse=True
+    )
+    return lam0, acc, grads, lams, flags
+
+
+def _with_shared(system, grads_stage, acc):
+    """Per-stage gradients and the shared sums in one tree shaped like the stage."""
+    if system.shared_leaves is None:
+        return grads_stage
+    treedef = jtu.tree_structure(system.stages)
+    per = treedef.flatten_up_to(grads_stage)
+    shared = treedef.flatten_up_to(acc)
+    return treedef.unflatten([s if m else g for g, s, m in zip(per, shared, system.shared_leaves)])
+
+
+def _finish_stacked(system, lam0, grads, flags):
+    if system.check_finite:
+        lam_flags, grad_flags = flags
+        lam0, grads = _backward_nonfinite_error(
+            (lam0, grads), lam_flags, grad_flags, jnp.isfinite(lam0).all()
+        )
+    return lam0, grads
+
+
+def _recursion_stacked(system, x0, xs, ct_trajectory, ct_final, keep_costates):
+    """The recursion over all N stages, from the stored states X(1..N) (`xs`). When the
+    cost reads X(N) alone (`ct_final`) no per-stage cotangent is added at all."""
+    parts = _parts(system)
     n = xs.shape[0]
     if ct_final is not None:
         lam_n = ct_final
@@ -429,30 +722,53 @@ def _recursion_stacked(system, x0, xs, ct_trajectory, ct_final, keep_costates):
         lam_n = ct_trajectory[n]
     else:
         lam_n = jnp.zeros_like(xs[-1])
-    record = keep_costates or system.check_finite
+    acc = None if parts[1] is None else _shared_zeros(parts[1])
+    lam0, acc, grads, lams, flags = _scan_costates(
+        system, parts, x0, xs, parts[0], ct_trajectory, lam_n, acc, keep_costates
+    )
+    lam0, grads = _finish_stacked(system, lam0, _with_shared(system, grads, acc), flags)
+    return lam0, grads, lams
 
-    def step(lam, inputs):
-        d, i = inputs
-        x_next = jax.lax.dynamic_index_in_dim(xs, i, keepdims=False)
-        x_prev = jax.lax.dynamic_index_in_dim(xs, jnp.maximum(i - 1, 0), keepdims=False)
-        x_prev = jnp.where(i == 0, x0, x_prev)
-        lam_prev, grad = eqx.combine(d, static).costate(x_prev, x_next, lam)
-        if ct_trajectory is not None:
-            lam_prev = lam_prev + jax.lax.dynamic_index_in_dim(ct_trajectory, i, keepdims=False)
-        return lam_prev, (eqx.filter(grad, eqx.is_array), lam if record else None)
 
-    lam0, (grads, lams) = jax.lax.scan(step, lam_n, (dynamic, jnp.arange(n)), reverse=True)
-    if system.check_finite:
-        lam_flags = jnp.isfinite(lams).reshape(lams.shape[0], -1).all(axis=1)
-        grad_leaves = [g for g in jtu.tree_leaves(grads) if eqx.is_inexact_array(g)]
-        grad_flags = jnp.stack(
-            [jnp.ones((n,), bool)]
-            + [jnp.isfinite(g).reshape(n, -1).all(axis=1) for g in grad_leaves]
-        ).all(axis=0)
-        lam0, grads = _backward_nonfinite_error(
-            (lam0, grads), lam_flags, grad_flags, jnp.isfinite(lam0).all()
+def _recursion_checkpointed(system, x0, checkpoints: _Checkpoints, ct_final):
+    """The recursion on a checkpointed forward pass (a cost on X(N) alone): segments of
+    k = `checkpoint_every` stages, newest first; each segment's states are recomputed
+    from its checkpoint, then the recursion runs over them, λ and the shared sums
+    carried from one segment to the next."""
+    parts = _parts(system)
+    every = system.checkpoint_every
+    main, tail, q, r = _segments(parts[0], every, system.n_stages)
+    lam = jnp.zeros_like(checkpoints.tail_start) if ct_final is None else ct_final
+    acc = None if parts[1] is None else _shared_zeros(parts[1])
+    grads, flags = [], []
+
+    def run(x_start, d_run, lam, acc):
+        _, xs, _ = _scan_states(parts, x_start, d_run, store=True, check=False)
+        lam, acc, g, _, f = _scan_costates(system, parts, x_start, xs, d_run, None, lam, acc, False)
+        return lam, acc, g, f
+
+    if r:  # the tail, recomputed from the last checkpoint
+        lam, acc, g_tail, f_tail = run(checkpoints.tail_start, tail, lam, acc)
+        grads.append(g_tail)
+        flags.append(f_tail)
+    if q:
+
+        def segment(carry, inputs):
+            lam, acc = carry
+            x_start, d_seg = inputs
+            lam, acc, g, f = run(x_start, d_seg, lam, acc)
+            return (lam, acc), (g, f)
+
+        (lam, acc), (g_main, f_main) = jax.lax.scan(
+            segment, (lam, acc), (checkpoints.starts, main), reverse=True
         )
-    return lam0, grads, (lams if keep_costates else None)
+        merge = lambda a: a.reshape((q * every,) + a.shape[2:])  # noqa: E731
+        grads.insert(0, jtu.tree_map(merge, g_main))
+        flags.insert(0, jtu.tree_map(merge, f_main))
+    concat = lambda *a: jnp.concatenate(a)  # noqa: E731
+    grads = jtu.tree_map(concat, *grads) if len(grads) > 1 else grads[0]
+    flags = jtu.tree_map(concat, *flags) if len(flags) > 1 else flags[0]
+    return _finish_stacked(system, lam, _with_shared(system, grads, acc), flags)
 
 
 def _system_grads(system: Multistage, stage_grads) -> Multistage:
@@ -471,13 +787,25 @@ def _system_grads(system: Multistage, stage_grads) -> Multistage:
 
 
 # --------------------------------------------------------------------------------------
-# The custom VJP: forward pass keeps the states, backward pass is the recursion.
+# The custom VJP: the forward pass keeps the states, the backward pass is the recursion
+# (solved by the system's `AbstractCostateAdjoint`).
 # --------------------------------------------------------------------------------------
+
+
+class _Residuals(eqx.Module):
+    """What the forward pass stores for the backward pass: all states (X(1..N) as one
+    array when stacked, X(0..N) as a tuple otherwise), or, with `checkpoint_every` on
+    a cost of X(N), only the checkpoints."""
+
+    states: PyTree[Array] | None
+    checkpoints: _Checkpoints | None
 
 
 @eqx.filter_custom_vjp
 def _costate_trajectory(vjp_arg, final_only: bool):
     system, x0 = vjp_arg
+    if final_only and system.stacked and system.checkpoint_every is not None:
+        return _forward_checkpointed(system, x0)[0]
     states = _forward(system, x0)
     return states[-1] if final_only else states
 
@@ -487,25 +815,21 @@ def _costate_trajectory_fwd(perturbed, vjp_arg, final_only):
     del perturbed
     system, x0 = vjp_arg
     if system.stacked:
+        if final_only and system.checkpoint_every is not None:
+            x_n, checkpoints = _forward_checkpointed(system, x0)
+            return x_n, _Residuals(None, checkpoints)
         xs = _forward_stacked(system, x0)  # X(1..N); X(0) is x0 itself
         out = xs[-1] if final_only else jnp.concatenate([x0[None], xs])
-        return out, xs
+        return out, _Residuals(xs, None)
     states = _forward_tuple(system, x0)
-    return (states[-1] if final_only else states), states  # only the states are stored
+    return (states[-1] if final_only else states), _Residuals(states, None)
 
 
 @_costate_trajectory.def_bwd
 def _costate_trajectory_bwd(residuals, cotangent, perturbed, vjp_arg, final_only):
     system, x0 = vjp_arg
-    if system.stacked:
-        ct_trajectory, ct_final = (None, cotangent) if final_only else (cotangent, None)
-        lam0, stage_grads, _ = _recursion_stacked(
-            system, x0, residuals, ct_trajectory, ct_final, keep_costates=False
-        )
-    else:
-        n = len(system.stages)
-        cts = (None,) * n + (cotangent,) if final_only else cotangent
-        lam0, stage_grads, _ = _recursion_tuple(system, residuals, cts, keep_costates=False)
+    ct_trajectory, ct_final = (None, cotangent) if final_only else (cotangent, None)
+    lam0, stage_grads = system.adjoint.backward(system, x0, residuals, ct_trajectory, ct_final)
     grads = _system_grads(system, stage_grads)
     grads = jtu.tree_map(
         lambda p, g: g if p else None, perturbed[0], grads, is_leaf=lambda x: x is None

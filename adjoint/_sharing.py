@@ -40,21 +40,8 @@ import numpy as np
 from equinox import AbstractVar
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from ._misc import _default_dtype
 from ._stage import AbstractStage, _activation_name, apply_activation, output_costate
-
-
-def _output_costate(activation, x_next: Array, b_next: Array, preactivation: Callable) -> Array:
-    """Y = F'(A)ᵀ B: the diagonal F' from the stored X = F(A) for the named (elementwise)
-    activations, `jax.vjp` per pattern for any other callable (see `output_costate`)."""
-    return output_costate(activation, x_next, b_next, preactivation)
-
-
-def _default_dtype(dtype):
-    if dtype is None:
-        dtype = jnp.zeros(()).dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be floating, got {dtype}")
-    return dtype
 
 
 def _is_concrete(x) -> bool:
@@ -121,7 +108,7 @@ class AbstractTransformedDense(AbstractStage):
         return apply_activation(self.activation, self._preactivation(x))
 
     def costate(self, x_prev, x_next, b_next):
-        y = _output_costate(self.activation, x_next, b_next, lambda: self._preactivation(x_prev))
+        y = output_costate(self.activation, x_next, b_next, lambda: self._preactivation(x_prev))
         b_prev = y @ self.weight()
         d_weight = y.T @ x_prev  # Σ_p Y_p X_p(k-1)ᵀ: one matrix product, never per pattern
         d_bias = None if self.bias_vector() is None else y.sum(axis=0)
@@ -415,7 +402,7 @@ def tie_multipliers(stage: SharedDense, x_prev: Array, x_next: Array, b_next: Ar
             f"tie_multipliers: expected X(k-1) (P, {n_in}), X(k) and B(k) (P, {n_out}); got "
             f"{x_prev.shape}, {x_next.shape}, {b_next.shape}"
         )
-    y = _output_costate(
+    y = output_costate(
         stage.activation, x_next, b_next, lambda: jax.vmap(stage._preactivation)(x_prev)
     )
     used = stage.index >= 0
@@ -697,7 +684,7 @@ class Conv(AbstractStage):
         return apply_activation(self.activation, self._preactivation(x[None])[0])
 
     def costate(self, x_prev, x_next, b_next):
-        y = _output_costate(self.activation, x_next, b_next, lambda: self._preactivation(x_prev))
+        y = output_costate(self.activation, x_next, b_next, lambda: self._preactivation(x_prev))
         (b_prev,) = jax.linear_transpose(lambda x: self._convolve(x, self.kernel), x_prev)(y)
         (d_kernel,) = jax.linear_transpose(lambda k: self._convolve(x_prev, k), self.kernel)(y)
         ct = eqx.filter(self, eqx.is_inexact_array)

@@ -73,17 +73,19 @@ def test_paper_recursion_for_dense(getkey):
     stage = system.stages[0]  # tanh
     y = (1 - x[1] ** 2) * b[0]
     assert jnp.allclose(rec.grads.stages[0].weight, -(y.T @ x[0]), rtol=1e-12)
-    assert jnp.allclose(rec.input_costate, y @ stage.weight, rtol=1e-12)
+    assert jnp.allclose(rec.initial_costate, y @ stage.weight, rtol=1e-12)
 
 
-def test_input_costate_matches_finite_differences(getkey):
+def test_initial_costate_matches_finite_differences(getkey):
     system, _, _ = SYSTEMS["tuple"](getkey())
     x0 = jax.random.normal(getkey(), (2, 3))
     target = jax.random.normal(getkey(), (2, 2))
     cost = intermediate_cost(target, k=2)
     rec = aj.costates(system, x0, cost)
     fd = finite_difference_grad(lambda x: cost(system.trajectory(x)), x0)
-    assert jnp.allclose(rec.input_costate, -fd, rtol=1e-7, atol=1e-9)
+    assert jnp.allclose(rec.initial_costate, -fd, rtol=1e-7, atol=1e-9)
+    with pytest.warns(DeprecationWarning, match="use initial_costate"):
+        assert rec.input_costate is rec.initial_costate  # the old name, for one release
 
 
 def test_hamiltonian_derivatives_give_the_recursion(getkey):

@@ -89,6 +89,20 @@ SYSTEMS = {
         (5, 3),
         (5, 3),
     ),
+    # the paper's shared weights: W shared by every stage, checkpoints every 2 stages
+    "stacked-shared": lambda key: (
+        shared_weight_system(key, n=4, checkpoint_every=2),
+        (6, 4),
+        (6, 4),
+    ),
+    # a recurrent net is the same stacked system over its cell (one pattern: the batch)
+    "recurrent": lambda key: (
+        aj.RecurrentNet(aj.ElmanCell(2, 4, key=key), checkpoint_every=2).multistage(
+            jnp.zeros((6, 4)), jax.random.normal(jax.random.fold_in(key, 1), (5, 6, 2))
+        )[0],
+        (1, 6, 4),
+        (1, 6, 4),
+    ),
 }
 
 
@@ -325,3 +339,72 @@ def test_mixed_dtypes_give_each_control_its_own_dtype(dtype, stacked, getkey):
     )
     rec = aj.costates(system, x0, lambda xs: jnp.sum(jnp.sin(xs[-1])))
     assert all(a.dtype == dtype for a in jax.tree.leaves(rec.grads))
+
+
+# --------------------------------------------------------------------------------------
+# Shared leaves and checkpointing on the stacked layout
+# --------------------------------------------------------------------------------------
+
+
+def shared_weight_system(key, n=3, depth=5, dtype=jnp.float64, **kwargs):
+    """A stacked Dense whose weight W is shared by every stage, biases b(k) per stage."""
+    wkey, bkey = jax.random.split(key)
+    stage = aj.Dense(n, n, key=wkey, dtype=dtype)
+    bias = jax.random.normal(bkey, (depth, n), dtype) * 0.3
+    stage = eqx.tree_at(lambda s: s.bias, stage, bias)
+    return aj.Multistage(stage, shared=lambda s: s.weight, **kwargs)
+
+
+def _plain_shared(weight, bias, x0):  # the reference: X(k) = tanh(W X(k-1) + b(k))
+    def step(x, b):
+        x = jnp.tanh(x @ weight.T + b)
+        return x, x
+
+    return jax.lax.scan(step, x0, bias)[0]
+
+
+@pytest.mark.parametrize("every", [1, 2, 5])  # N = 5: 1 and 5 divide it, 2 does not
+def test_shared_leaves_and_checkpoints(every, getkey):
+    system = shared_weight_system(getkey(), checkpoint_every=every)
+    assert system.n_stages == 5 and system.stage(2).bias.shape == (3,)
+    x0 = jax.random.normal(getkey(), (4, 3))
+    ref_w, ref_b, ref_x = jax.grad(
+        lambda w, b, x: jnp.sum(jnp.sin(_plain_shared(w, b, x))), argnums=(0, 1, 2)
+    )(system.stages.weight, system.stages.bias, x0)
+
+    @eqx.filter_jit
+    @eqx.filter_grad
+    def grad(args):
+        system, x0 = args
+        return jnp.sum(jnp.sin(system(x0)))
+
+    for adj in (aj.CostateAdjoint(), aj.AutodiffAdjoint()):
+        g_sys, g_x = grad((eqx.tree_at(lambda s: s.adjoint, system, adj), x0))
+        assert g_sys.stages.weight.shape == (3, 3)  # summed over the stages, not stacked
+        assert_tree_allclose((g_sys.stages.weight, g_sys.stages.bias, g_x), (ref_w, ref_b, ref_x))
+    if every != 2:
+        return
+    # float32 under vmap over patterns' batches, against the float64 reference
+    to32 = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, t
+    )
+    batch = jnp.stack([x0, 2 * x0]).astype(jnp.float32)
+    g32 = jax.vmap(lambda x: grad((to32(system), x))[0].stages.weight)(batch)
+    assert g32.dtype == jnp.float32 and g32.shape == (2, 3, 3)
+    assert_tree_allclose(g32[0], ref_w, rtol=1e-4)
+
+
+def test_shared_leaves_bad_input(getkey):
+    with pytest.raises(ValueError, match="stacked layout"):
+        aj.Multistage([aj.Dense(2, 2, key=getkey())], checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoint_every must be None or a positive int"):
+        shared_weight_system(getkey(), checkpoint_every=0)
+    with pytest.raises(TypeError, match="shared must be a function"):
+        aj.Multistage(shared_weight_system(getkey()).stages, shared="weight")
+    system = shared_weight_system(getkey(), checkpoint_every=2, check_finite=True)
+    x0 = jnp.ones((2, 3)).at[0, 0].set(jnp.inf)
+    with pytest.raises(Exception, match="input x0 is non-finite"):
+        system(x0)
+    big = eqx.tree_at(lambda s: s.stages.bias, system, system.stages.bias.at[3].set(jnp.nan))
+    with pytest.raises(Exception, match=r"stage 4: state X\(4\) became non-finite"):
+        big(jnp.ones((2, 3)))

@@ -311,7 +311,7 @@ def test_costate_gradient_and_kkt_against_plain_forward(spec):
     rec = aj.costates(system, x0, cost, control_cost=decay)
     assert abs(float(rec.value) - float(value)) <= tol * max(1.0, abs(float(value)))
     assert _close(rec.grads, g_ref, tol, scale)
-    assert _close(rec.input_costate, b0_ref, tol, scale)
+    assert _close(rec.initial_costate, b0_ref, tol, scale)
     sizes = spec["sizes"]
     b = [rec.costates[k - 1][..., : sizes[k]] for k in range(1, len(sizes))]
     assert _close(b, b_ref, tol, scale)

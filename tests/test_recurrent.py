@@ -46,7 +46,7 @@ def rnn(getkey):
     return cell, jax.random.normal(getkey(), (4, 5)), jax.random.normal(getkey(), (7, 4, 3))
 
 
-@pytest.mark.parametrize("every", [None, 1, 3, 10])
+@pytest.mark.parametrize("every", [None, 1, 3, 7, 10])  # T = 7: 1, 7 divide it, 3 does not
 def test_recurrent_gradients_match_plain_scan(rnn, every):
     cell, h0, xs = rnn
     ref_final = jax.grad(lambda a: _final_cost(_plain_states(*a)[-1]))((cell, h0, xs))
@@ -108,21 +108,44 @@ def test_user_cell_default_costate(getkey):
 def test_recurrent_unfolded_kkt_and_tied_gradient(rnn):
     cell, h0, xs = rnn
     net = adjoint.RecurrentNet(cell)
-    system, z0 = net.unfold(h0, xs)
+    with pytest.warns(DeprecationWarning, match="RecurrentNet.unfold is deprecated"):
+        system, z0 = net.unfold(h0, xs)
     assert system.n_stages == 7
 
     def cost(zs):
-        return _traj_cost(net.unfolded_states(zs))
+        with pytest.warns(DeprecationWarning, match="unfolded_states is deprecated"):
+            return _traj_cost(net.unfolded_states(zs))
 
     rec = _costates(system, z0, cost)
-    assert tree_max_rel_error(net.unfolded_states(rec.states), net.trajectory(h0, xs)) < 1e-14
+    with pytest.warns(DeprecationWarning, match="unfolded_states is deprecated"):
+        h = net.unfolded_states(rec.states)
+    assert tree_max_rel_error(h, net.trajectory(h0, xs)) < 1e-14
     kkt = adjoint.kkt_residuals(system, z0, rec.states, rec.costates, cost)
     assert float(jnp.max(kkt.forward_norms)) == 0.0
     assert float(jnp.max(kkt.backward_norms)) < 1e-12
     # The shared controls' gradient is the sum of the per-step ones (equality constraints).
     g = eqx.filter_grad(lambda c: _traj_cost(adjoint.RecurrentNet(c).trajectory(h0, xs)))(cell)
-    assert tree_max_rel_error(net.tied_gradient(rec.grads), g) < 1e-12
-    assert tree_max_rel_error(net.tied_gradient(kkt.optimality), g) < 1e-12
+    with pytest.warns(DeprecationWarning, match="tied_gradient is deprecated"):
+        assert tree_max_rel_error(net.tied_gradient(rec.grads), g) < 1e-12
+        assert tree_max_rel_error(net.tied_gradient(kkt.optimality), g) < 1e-12
+    with pytest.warns(DeprecationWarning, match="UnfoldedStep is deprecated"):
+        adjoint.UnfoldedStep(cell, jnp.asarray(0), 5, 7, 3)
+
+
+def test_recurrent_multistage_shares_the_cell(rnn):
+    """The net is a stacked Multistage whose cell is shared: `costates` on it gives
+    dC/dW summed over t, dC/dI(t) per step, and B(t) = −dC/dH(t)."""
+    cell, h0, xs = rnn
+    net = adjoint.RecurrentNet(cell)
+    system, x0 = net.multistage(h0, xs)
+    assert system.n_stages == 7 and x0.shape == (1, 4, 5)
+    assert system.stages.cell.weight_hh.shape == (5, 5)  # one copy, not T
+    rec = _costates(system, x0, lambda hs: _traj_cost(hs[:, 0]))
+    ref_cell, ref_h0, ref_xs = jax.grad(lambda a: _traj_cost(_plain_states(*a)))((cell, h0, xs))
+    assert tree_max_rel_error(rec.grads.stages.cell, ref_cell) < 1e-12
+    assert tree_max_rel_error(rec.grads.stages.inputs, ref_xs) < 1e-12
+    assert tree_max_rel_error(-rec.initial_costate[0], ref_h0) < 1e-12
+    assert tree_max_rel_error(rec.states[:, 0], _plain_states(cell, h0, xs)) < 1e-14
 
 
 def test_recurrent_float32_vmap(rnn):
@@ -227,7 +250,7 @@ def test_skip_network(getkey):
     rec = _costates(system, x0, cost)
     g, gx = jax.jit(jax.grad(lambda s, x: plain_cost(plain(s, x)), argnums=(0, 1)))(stages, x0)
     assert tree_max_rel_error([s.stage for s in rec.grads.stages], g) < 1e-12
-    assert tree_max_rel_error(-rec.input_costate, gx) < 1e-12
+    assert tree_max_rel_error(-rec.initial_costate, gx) < 1e-12
     # B(k) = −dC/dX(k): perturb each state and differentiate what follows.
     b = adjoint.skip_states(system, rec.costates)
     xs = plain(stages, x0)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
+from .._parallel_costates import ParallelCostates as ParallelCostates, affine_costates
 from ._problem import ControlProblem
 
 
@@ -39,21 +40,8 @@ class SequentialCostates(AbstractCostates):
         return jax.value_and_grad(problem.cost)(u)
 
 
-class ParallelCostates(AbstractCostates):
-    """The same costates by `jax.lax.associative_scan` over the affine maps
-    λ(k+1) ↦ A(k)ᵀ λ(k+1) + c(k): O(log N) depth. See `parallel_costates`."""
-
-    def value_and_grad(self, problem, u):
-        value, _, _, grad = parallel_costates(problem, u)
-        return value, grad
-
-
-def _compose(later, earlier):
-    # associative_scan(reverse=True) hands (accumulated maps of larger k, map of smaller k);
-    # the result applies the larger-k maps first: λ(k) = M_k (M_acc λ + v_acc) + v_k.
-    m_acc, v_acc = later
-    m_k, v_k = earlier
-    return m_k @ m_acc, jnp.einsum("...ij,...j->...i", m_k, v_acc) + v_k
+# `ParallelCostates` (re-exported from the core, an `adjoint.AbstractAdjoint`) also
+# serves as a `costates=` strategy here: it provides `value_and_grad(problem, u)`.
 
 
 def parallel_costates(
@@ -82,9 +70,7 @@ def parallel_costates(
     per_pattern = jax.vmap(linearise, (0, None, None))
     fx, fu, lx, lu = jax.vmap(per_pattern)(xs[:-1], u, ks)  # (N, P, ...)
     lam_n = jax.vmap(jax.grad(problem.phi))(xs[-1])  # (P, n)
-    maps = (jnp.swapaxes(fx, -1, -2), lx)
-    m_acc, v_acc = jax.lax.associative_scan(_compose, maps, reverse=True)
-    lam = jnp.einsum("kpij,pj->kpi", m_acc, lam_n) + v_acc  # λ(0..N-1)
+    lam = affine_costates(jnp.swapaxes(fx, -1, -2), lx, lam_n)  # λ(0..N-1)
     lam = jnp.concatenate([lam, lam_n[None]])
     grad = jnp.sum(lu, axis=1) + jnp.einsum("kpim,kpi->km", fu, lam[1:])
     return value, xs, -lam, grad
