@@ -1,34 +1,55 @@
-"""Continuous-time costates: our backward costate ODE against diffrax's adjoints.
+"""Continuous-time costates: exact O(1)-memory gradients of ODE solves against diffrax's
+adjoints.
 
     python -m benchmarks.continuous_costates [--quick]
 
-Problem (the issue's sizes): dX/dt = tanh(W X + b), n = 128, a batch of 64 initial
-states, float32, Tsit5 with 1000 fixed steps on [0, 1], C = Σ_p |D_p − X_p(1)|². We time
-`jax.jit` of: the forward solve alone (the unit), and dC/d(W, b) by
+Problem (issue 16's sizes): dX/dt = tanh(W X + b), n = 128, a batch of 64 initial states,
+float32, N = 100, 1,000 and 10,000 fixed steps on [0, 1], C = Σ_p |D_p − X_p(1)|². We time
+`jax.jit` of the forward solve with Tsit5 (the unit), the forward of the reversible
+scheme Reversible(Tsit5), and dC/d(W, b) by
 
-- `costate ODE (ours)`: `adjoint.trajectory_cost`, whose custom VJP integrates Hamilton's
-  equations (X, B, ∫∂H/∂W) backward with the same solver (optimise-then-discretise);
-- `costate ODE (ours, Bosh3 backward)`: the same, with the costate ODE discretised by
-  the third-order `diffrax.Bosh3()` (3 evaluations a step instead of Tsit5's 6): an
-  optimise-then-discretise choice that trades O(dt³) gradient error for speed;
-- `BacksolveAdjoint`: `jax.grad` through `diffeqsolve(..., adjoint=BacksolveAdjoint())`;
-- `RecursiveCheckpointAdjoint`: `jax.grad` through the discretised solve (diffrax's
-  default, discretise-then-optimise).
+- `ReversibleAdjoint · Reversible(Tsit5)` (ours, `adjoint.trajectory_cost`'s default):
+  the discrete costate recursion of the reversible scheme, each step reconstructed
+  exactly from the next (route (a) of the issue), O(1) memory;
+- `ReversibleAdjoint · Reversible(Midpoint)` (ours): the same with a cheaper base;
+- `optimise-then-discretise (costate ODE)`: `trajectory_cost(mode=...)`, the backward
+  costate ODE with Tsit5 (what `costate_ode` did before);
+- `BacksolveAdjoint`, `RecursiveCheckpointAdjoint` (diffrax's default checkpoints),
+  `RecursiveCheckpointAdjoint, store all` (`checkpoints=N`: the discrete costate
+  recursion over every stored step state, route (b) at an unlimited budget; diffrax's
+  checkpointed loop is the binomial (optimal) schedule for smaller budgets), and
+  `DirectAdjoint` (N ≤ 1,000 only: at 10,000 steps it takes minutes to compile).
 
-Median of interleaved repeats after a warm-up (`block_until_ready`); memory is XLA's
-compiled temp bytes; gradient differences are relative to RecursiveCheckpointAdjoint.
-Target (issue 5): ≤ 3.5× the forward at no more memory than BacksolveAdjoint.
+Times are interleaved (A B C … A B C …) after a warm-up, with `block_until_ready`; the
+"× forward" columns are medians over rounds of the per-round ratio to the forward in the
+same round. Memory is XLA's compiled temp bytes. "gap" is max |g − g_ref| / max |g_ref|
+against `RecursiveCheckpointAdjoint` on the same solver (the exact gradient of that
+solver's C); "gap to Tsit5" against `RecursiveCheckpointAdjoint` on Tsit5; "gap to
+continuous" against the gradient of the continuous problem (Tsit5, 4,000 steps, float64):
+what each method's accuracy buys, so that cheaper bases can be compared at equal time.
+
+The sizes can be run one at a time (`--steps 10000`), each merged into the results file.
 """
 
 import argparse
+import json
+import statistics
 
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import adjoint as adj
 
-from ._common import compiled_memory, interleaved_medians, md_table, metadata, write_results
+from . import _common
+from ._common import _interleaved_times, compiled_memory, md_table, metadata, write_results
+
+
+FORWARD = "forward solve"
+OURS = "ReversibleAdjoint · Reversible(Tsit5) (ours)"
+OURS_MIDPOINT = "ReversibleAdjoint · Reversible(Midpoint) (ours)"
+OTD = "optimise-then-discretise (costate ODE)"
 
 
 def _vector_field(t, x, params):
@@ -36,41 +57,52 @@ def _vector_field(t, x, params):
     return jnp.tanh(x @ w.T + b)
 
 
-def run(quick: bool = False) -> dict:
-    n, batch, steps = (64, 16, 200) if quick else (128, 64, 1000)
-    repeats = 3 if quick else 5
+def _problem(n, batch):
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     w = jax.random.normal(k1, (n, n), jnp.float32) / n**0.5
     b = 0.1 * jax.random.normal(k2, (n,), jnp.float32)
     x0 = jax.random.normal(k3, (batch, n), jnp.float32)
     target = 0.5 * jax.random.normal(k4, (batch, n), jnp.float32)
-    params = (w, b)
+    return (w, b), x0, target
+
+
+def _continuous_reference(n, batch, steps=4000):
+    """dC/d(W, b) of the continuous problem: Tsit5 with `steps` steps in float64 (its
+    O(h⁵) error is far below float32 round-off), the reference of the "gap to
+    continuous" column."""
+    problem = _problem(n, batch)  # the float32 problem, in float64
+    with jax.enable_x64(True):
+        params, x0, target = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), problem)
+
+        def cost(params):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(_vector_field),
+                diffrax.Tsit5(),
+                0.0,
+                1.0,
+                1.0 / steps,
+                x0,
+                args=params,
+                saveat=diffrax.SaveAt(t1=True),
+                max_steps=steps,
+            )
+            return jnp.sum((target - sol.ys[-1]) ** 2)
+
+        return [np.asarray(g) for g in jax.jit(jax.grad(cost))(params)]
+
+
+def _one_size(n, batch, steps, repeats, direct, continuous):
+    params, x0, target = _problem(n, batch)
     dt0 = 1.0 / steps
 
     def terminal(x):
         return jnp.sum((target - x) ** 2)
 
-    kwargs = dict(t0=0.0, t1=1.0, dt0=dt0, terminal_cost=terminal, max_steps=steps)
-
-    def forward(params, x0):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(_vector_field),
-            diffrax.Tsit5(),
-            0.0,
-            1.0,
-            dt0,
-            x0,
-            args=params,
-            saveat=diffrax.SaveAt(t1=True),
-            max_steps=steps,
-        )
-        return terminal(sol.ys[-1])
-
-    def dto(adjoint):
-        def cost(params, x0):
+    def cost(solver, adjoint):
+        def c(params, x0):
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(_vector_field),
-                diffrax.Tsit5(),
+                solver,
                 0.0,
                 1.0,
                 dt0,
@@ -82,63 +114,132 @@ def run(quick: bool = False) -> dict:
             )
             return terminal(sol.ys[-1])
 
-        return jax.grad(cost)
+        return c
 
+    tsit5, rev_tsit5 = diffrax.Tsit5(), adj.Reversible(diffrax.Tsit5())
+    rev_mid = adj.Reversible(diffrax.Midpoint())
+    rc = diffrax.RecursiveCheckpointAdjoint()
+    kwargs = dict(t0=0.0, t1=1.0, dt0=dt0, terminal_cost=terminal, max_steps=steps)
     fns = {
-        "forward solve": jax.jit(forward),
-        "costate ODE (ours)": jax.jit(
-            jax.grad(lambda p, x: adj.trajectory_cost(_vector_field, p, x, **kwargs))
-        ),
-        "costate ODE (ours, Bosh3 backward)": jax.jit(
-            jax.grad(
-                lambda p, x: adj.trajectory_cost(
-                    _vector_field, p, x, backward_solver=diffrax.Bosh3(), **kwargs
-                )
+        FORWARD: cost(tsit5, rc),
+        "forward solve, Reversible(Tsit5)": cost(rev_tsit5, rc),
+        OURS: jax.grad(lambda p, x: adj.trajectory_cost(_vector_field, p, x, **kwargs)),
+        OURS_MIDPOINT: jax.grad(cost(rev_mid, adj.ReversibleAdjoint())),
+        OTD: jax.grad(
+            lambda p, x: adj.trajectory_cost(
+                _vector_field, p, x, mode="optimise-then-discretise", **kwargs
             )
         ),
-        "BacksolveAdjoint": jax.jit(dto(diffrax.BacksolveAdjoint())),
-        "RecursiveCheckpointAdjoint": jax.jit(dto(diffrax.RecursiveCheckpointAdjoint())),
+        "BacksolveAdjoint": jax.grad(cost(tsit5, diffrax.BacksolveAdjoint())),
+        "RecursiveCheckpointAdjoint": jax.grad(cost(tsit5, rc)),
+        "RecursiveCheckpointAdjoint, store all": jax.grad(
+            cost(tsit5, diffrax.RecursiveCheckpointAdjoint(checkpoints=steps))
+        ),
     }
+    if direct:
+        fns["DirectAdjoint"] = jax.grad(cost(tsit5, diffrax.DirectAdjoint()))
+    fns = {name: jax.jit(f) for name, f in fns.items()}
     memory = {name: compiled_memory(f, params, x0) for name, f in fns.items()}
-    times = interleaved_medians({k: (lambda f=f: f(params, x0)) for k, f in fns.items()}, repeats)
-    reference = fns["RecursiveCheckpointAdjoint"](params, x0)
+    times = _interleaved_times({k: (lambda f=f: f(params, x0)) for k, f in fns.items()}, repeats)
 
-    def rel(g):
-        return float(
-            max(jnp.max(jnp.abs(a - r)) / jnp.max(jnp.abs(r)) for a, r in zip(g, reference))
-        )
-
-    t_fwd = times["forward solve"]
-    rows = [
-        {
-            "method": name,
-            "median_s": times[name],
-            "x_forward": times[name] / t_fwd,
-            "temp_MB": memory[name].get("temp_bytes", float("nan")) / 2**20,
-            "rel_diff_vs_recursive_checkpoint": None
-            if name == "forward solve"
-            else rel(fns[name](params, x0)),
-        }
-        for name in fns
-    ]
-    ours, ours_bosh3 = rows[1], rows[2]
-    targets = {
-        "ours_x_forward": ours["x_forward"],
-        "le_3.5x_forward": ours["x_forward"] <= 3.5,
-        "ours_bosh3_backward_x_forward": ours_bosh3["x_forward"],
-        "bosh3_backward_le_3.5x_forward": ours_bosh3["x_forward"] <= 3.5,
-        "memory_le_backsolve": max(
-            memory["costate ODE (ours)"]["temp_bytes"],
-            memory["costate ODE (ours, Bosh3 backward)"]["temp_bytes"],
-        )
-        <= memory["BacksolveAdjoint"]["temp_bytes"],
+    references = {
+        "Tsit5": jax.jit(jax.grad(cost(tsit5, rc)))(params, x0),
+        "Reversible(Tsit5)": jax.jit(jax.grad(cost(rev_tsit5, rc)))(params, x0),
+        "Reversible(Midpoint)": jax.jit(jax.grad(cost(rev_mid, rc)))(params, x0),
     }
+    same_solver = {OURS: "Reversible(Tsit5)", OURS_MIDPOINT: "Reversible(Midpoint)"}
+
+    def rel(g, reference):
+        return max(
+            float(np.max(np.abs(np.asarray(a, r.dtype) - r)) / np.max(np.abs(r)))
+            for a, r in zip(g, (np.asarray(r) for r in reference))
+        )
+
+    rows = []
+    for name, f in fns.items():
+        grads = None if name.startswith(FORWARD) else f(params, x0)
+        solver = same_solver.get(name, "Tsit5")
+        rows.append(
+            {
+                "method": name,
+                "times_s": times[name],
+                "median_s": statistics.median(times[name]),
+                "x_forward": statistics.median(a / b for a, b in zip(times[name], times[FORWARD])),
+                "x_own_forward": statistics.median(
+                    a / b
+                    for a, b in zip(
+                        times[name],
+                        times[
+                            "forward solve, Reversible(Tsit5)"
+                            if solver == "Reversible(Tsit5)"
+                            else FORWARD
+                        ],
+                    )
+                ),
+                "temp_MB": memory[name].get("temp_bytes", float("nan")) / 2**20,
+                "gap_same_solver": None if grads is None else rel(grads, references[solver]),
+                "reference_solver": None if grads is None else solver,
+                "gap_to_tsit5": None if grads is None else rel(grads, references["Tsit5"]),
+                "gap_to_continuous": None if grads is None else rel(grads, continuous),
+            }
+        )
+    return {"steps": steps, "rows": rows}
+
+
+def _targets(results) -> dict:
+    by_steps = {r["steps"]: {row["method"]: row for row in r["rows"]} for r in results}
+    mid = by_steps[sorted(by_steps)[len(by_steps) // 2]]  # N = 1,000 in the full run
+    ours, backsolve = mid[OURS], mid["BacksolveAdjoint"]
+    first, last = by_steps[min(by_steps)], by_steps[max(by_steps)]
+    return {
+        "steps": sorted(by_steps)[len(by_steps) // 2],
+        "ours_x_forward": ours["x_forward"],
+        "ours_x_own_forward": ours["x_own_forward"],
+        "ours_le_3x_forward": ours["x_forward"] <= 3.0,
+        "midpoint_x_forward": mid[OURS_MIDPOINT]["x_forward"],
+        "midpoint_le_3x_forward": mid[OURS_MIDPOINT]["x_forward"] <= 3.0,
+        "ours_gap": ours["gap_same_solver"],
+        "gap_le_1e-6": max(ours["gap_same_solver"], mid[OURS_MIDPOINT]["gap_same_solver"]) <= 1e-6,
+        "memory_within_2x_backsolve": max(ours["temp_MB"], mid[OURS_MIDPOINT]["temp_MB"])
+        <= 2 * backsolve["temp_MB"],
+        "memory_flat_in_N": last[OURS]["temp_MB"] <= 1.1 * first[OURS]["temp_MB"],
+    }
+
+
+def run(quick: bool = False, steps: tuple[int, ...] | None = None) -> dict:
+    """Run every size, or only `steps` (merged into the results file already written,
+    so that the sizes of a full run can be measured in separate processes)."""
+    n, batch = (32, 8) if quick else (128, 64)
+    sizes = (20, 200) if quick else (100, 1000, 10000)
+    name = "continuous_costates_quick" if quick else "continuous_costates"
+    continuous = _continuous_reference(n, batch)
+    results = [
+        _one_size(
+            n,
+            batch,
+            N,
+            repeats=3 if quick or N > 1000 else 5,
+            direct=N <= 1000,
+            continuous=continuous,
+        )
+        for N in (sizes if steps is None else steps)
+    ]
+    if steps is not None:
+        previous = json.loads((_common.RESULTS / f"{name}.json").read_text()).get("results", [])
+        kept = [r for r in previous if r["steps"] not in steps and r["steps"] in sizes]
+        results = sorted(kept + results, key=lambda r: r["steps"])
+    targets = _targets(results)
     data = {
         "meta": metadata(),
         "quick": quick,
-        "sizes": {"n": n, "batch": batch, "steps": steps, "solver": "Tsit5", "dtype": "float32"},
-        "repeats": repeats,
-        "rows": rows,
+        "sizes": {
+            "n": n,
+            "batch": batch,
+            "steps": [r["steps"] for r in results],
+            "dtype": "float32",
+        },
+        "diffrax": diffrax.__version__,
+        "results": results,
         "targets": targets,
     }
     meta = data["meta"]
@@ -146,38 +247,52 @@ def run(quick: bool = False) -> dict:
         f"# Continuous-time costates{' (quick)' if quick else ''}",
         "",
         f"{meta['date']} · {meta['device']} ({meta['cpu_count']} cores) · jax {meta['jax']} · "
-        f"dX/dt = tanh(W X + b), n = {n}, batch = {batch}, {steps} fixed Tsit5 steps, "
-        f"float32 · median of {repeats} interleaved repeats.",
-        "",
-        md_table(
-            [
-                "method",
-                "median (ms)",
-                "× forward",
-                "XLA temp (MB)",
-                "rel. diff vs RecursiveCheckpoint",
-            ],
-            [
+        f"diffrax {diffrax.__version__} · dX/dt = tanh(W X + b), n = {n}, batch = {batch}, "
+        "float32, fixed steps on [0, 1] · medians of per-round ratios to the Tsit5 forward "
+        "(× own forward: to the forward of the same solver) · gap: relative to "
+        "RecursiveCheckpointAdjoint on the same solver; gap to continuous: relative to the "
+        "float64 gradient of the continuous problem (Tsit5, 4,000 steps).",
+    ]
+    for result in results:
+        md += [
+            "",
+            f"## N = {result['steps']:,} steps",
+            "",
+            md_table(
                 [
-                    r["method"],
-                    r["median_s"] * 1e3,
-                    r["x_forward"],
-                    r["temp_MB"],
-                    "—"
-                    if r["rel_diff_vs_recursive_checkpoint"] is None
-                    else r["rel_diff_vs_recursive_checkpoint"],
-                ]
-                for r in rows
-            ],
-        ),
+                    "method",
+                    "median (ms)",
+                    "× forward",
+                    "× own forward",
+                    "XLA temp (MB)",
+                    "gap (same solver)",
+                    "gap to Tsit5",
+                    "gap to continuous",
+                ],
+                [
+                    [
+                        r["method"],
+                        r["median_s"] * 1e3,
+                        r["x_forward"],
+                        r["x_own_forward"],
+                        r["temp_MB"],
+                        "—" if r["gap_same_solver"] is None else r["gap_same_solver"],
+                        "—" if r["gap_to_tsit5"] is None else r["gap_to_tsit5"],
+                        "—" if r.get("gap_to_continuous") is None else r["gap_to_continuous"],
+                    ]
+                    for r in result["rows"]
+                ],
+            ),
+        ]
+    md += [
         "",
-        "Targets: "
+        f"Targets at N = {targets['steps']:,}: "
         + ", ".join(
             f"{k} = {v:.3g}" if isinstance(v, float) else f"{k}: {'met' if v else 'MISSED'}"
             for k, v in targets.items()
+            if k != "steps"
         ),
     ]
-    name = "continuous_costates_quick" if quick else "continuous_costates"
     write_results(name, data, "\n".join(md))
     print("\n".join(md))
     return data
@@ -186,8 +301,14 @@ def run(quick: bool = False) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a minute on a CPU")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        help="measure only these N and merge them into the results already written",
+    )
     args = parser.parse_args(argv)
-    run(quick=args.quick)
+    run(quick=args.quick, steps=None if args.steps is None else tuple(args.steps))
 
 
 if __name__ == "__main__":

@@ -4,24 +4,39 @@ For dynamics dX/dt = f(t, X, W) on [t0, t1], X(t0) = x0, and the performance ind
 
     C = Φ(X(t1)) + ∫_{t0}^{t1} ℓ(t, X, W) dt,
 
-the Lagrangian C + ∫ Bᵀ (dX/dt − f) dt, with the paper's multiplier B = −∂C/∂X, has the
-Hamiltonian
+the Lagrangian C + ∫ Bᵀ (dX/dt − f) dt = Φ + ∫ (Bᵀ dX/dt − H) dt, with the paper's
+multiplier B = −∂C/∂X and the paper's Hamiltonian (footnote 5; the sign of
+`adjoint.hamiltonian` for stages)
 
-    H(t, X, B, W) = ℓ(t, X, W) − Bᵀ f(t, X, W)
+    H(t, X, B, W) = Bᵀ f(t, X, W) − ℓ(t, X, W),
 
-and Hamilton's equations (footnote 5 of the paper: ∂H/∂B = −dX/dt, ∂H/∂X = dB/dt)
+is stationary along Hamilton's equations
 
-    dX/dt = −∂H/∂B = f,           X(t0) = x0          (forward, the state)
-    dB/dt =  ∂H/∂X = −∂fᵀ/∂X B + ∂ℓᵀ/∂X,   B(t1) = −∂Φᵀ/∂X(t1)   (backward, the costate)
-    dC/dW = ∫_{t0}^{t1} ∂H/∂W dt = ∫ (∂ℓ/∂W − ∂fᵀ/∂W B) dt,   dC/dx0 = −B(t0).
+    dX/dt =  ∂H/∂B = f,                       X(t0) = x0             (state, forward)
+    dB/dt = −∂H/∂X = −∂fᵀ/∂X B + ∂ℓᵀ/∂X,    B(t1) = −∂Φᵀ/∂X(t1)   (costate, backward)
 
-This is optimise-then-discretise: the costate ODE is derived first and then integrated
-backward with a diffrax solver, carrying (X, B, G) with dG/dt = −∂H/∂W, G(t1) = 0, so
-G(t0) = dC/dW. X is re-integrated backward from X(t1) alongside B (nothing of the forward
-trajectory is stored, memory is independent of the number of steps), which is accurate
-when the dynamics are not strongly dissipative; `compare_costate_gradients` reports how
-far the result is from discretise-then-optimise (`diffrax.RecursiveCheckpointAdjoint`)
-and from `diffrax.BacksolveAdjoint`.
+and the gradients are
+
+    dC/dW = −∫_{t0}^{t1} ∂H/∂W dt = ∫ (∂ℓ/∂W − ∂fᵀ/∂W B) dt,    dC/dx0 = −B(t0).
+
+Two modes compute these gradients, both in memory independent of the number of steps:
+
+- `mode="reversible"` (the default), discretise-then-optimise: the state is integrated
+  by the algebraically reversible version `Reversible(solver)` of the solver (McCallum &
+  Foster, 2024), and the costate is the discrete costate recursion of that scheme, run
+  backward by `ReversibleAdjoint` while each step is reconstructed exactly from the next
+  (see `adjoint._reversible`). The gradient is the exact gradient of the computed C,
+  equal to `jax.grad` through the same solve with `diffrax.RecursiveCheckpointAdjoint`
+  up to round-off.
+- `mode="optimise-then-discretise"`: the costate ODE above is integrated backward with a
+  diffrax solver, carrying (X, B, G) with dG/dt = ∂H/∂W, G(t1) = 0, so G(t0) = dC/dW. X
+  is re-integrated backward from X(t1) alongside B, which is accurate when the dynamics
+  are not strongly dissipative; the gradient approximates the exact one to the solver's
+  tolerance (as `diffrax.BacksolveAdjoint`).
+
+`compare_costate_gradients` reports how far the result is from discretise-then-optimise
+(`diffrax.RecursiveCheckpointAdjoint` on the same solver) and from
+`diffrax.BacksolveAdjoint`.
 """
 
 from collections.abc import Callable
@@ -33,20 +48,26 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree, Scalar
 
+from ._reversible import Reversible, ReversibleAdjoint
+
+
+_MODES = ("reversible", "optimise-then-discretise")
+
 
 def _zero_cost(*args):
     return jnp.zeros(())
 
 
 class CostateODESolution(eqx.Module):
-    """One evaluation of C and its gradient by the backward costate ODE.
+    """One evaluation of C and its gradient by the backward costate recursion.
 
     - `value`: C = Φ(X(t1)) + ∫ ℓ dt.
     - `grads`: dC/dW, shaped like the inexact arrays of `params`.
     - `final_state`: X(t1).
     - `initial_costate`: B(t0) = −dC/dx0 (paper's sign).
     - `final_costate`: B(t1) = −∂Φ/∂X(t1).
-    - `forward_steps`, `backward_steps`: steps taken by the two diffrax solves.
+    - `forward_steps`, `backward_steps`: steps taken forward and backward (equal in the
+      reversible mode, whose backward pass replays the forward steps).
     """
 
     value: Scalar
@@ -70,10 +91,11 @@ class _Problem(eqx.Module):
     dt0: float | None
     max_steps: int
     throw: bool = eqx.field(static=True)
+    mode: str = eqx.field(static=True, default="reversible")
 
     def hamiltonian(self, t, x, b, params):
-        """H = ℓ(t, X, W) − Bᵀ f(t, X, W)."""
-        return self.running_cost(t, x, params) - jnp.vdot(b, self.vector_field(t, x, params))
+        """The paper's H(t, X, B, W) = Bᵀ f(t, X, W) − ℓ(t, X, W)."""
+        return jnp.vdot(b, self.vector_field(t, x, params)) - self.running_cost(t, x, params)
 
     def forward_term(self):
         # (X, c) with dc/dt = ℓ: the running cost integrated by the same solver.
@@ -103,7 +125,11 @@ class _Problem(eqx.Module):
         return x1, c1 + self.terminal_cost(x1), sol.stats["num_steps"]
 
     def backward(self, params, x1, b1):
-        """Integrate Hamilton's equations from t1 back to t0; returns X(t0), B(t0), dC/dW."""
+        """Integrate Hamilton's equations from t1 back to t0, carrying (X, B, G) with
+
+            dX/dt = ∂H/∂B,   dB/dt = −∂H/∂X,   dG/dt = ∂H/∂W,   G(t1) = 0,
+
+        so that G(t0) = −∫ ∂H/∂W dt = dC/dW; returns X(t0), B(t0), dC/dW."""
         diff, static = eqx.partition(params, eqx.is_inexact_array)
 
         def vf(t, y, args):
@@ -114,8 +140,7 @@ class _Problem(eqx.Module):
                 return self.hamiltonian(t, x, b, eqx.combine(d, static))
 
             dh_dx, dh_db, dh_dw = jax.grad(h, argnums=(0, 1, 2))(x, b, d)
-            # dX/dt = −∂H/∂B, dB/dt = ∂H/∂X, dG/dt = −∂H/∂W.
-            return -dh_db, dh_dx, jtu.tree_map(jnp.negative, dh_dw)
+            return dh_db, -dh_dx, dh_dw  # dX/dt = ∂H/∂B, dB/dt = −∂H/∂X, dG/dt = ∂H/∂W
 
         g1 = jtu.tree_map(jnp.zeros_like, diff)
         dt0 = None if self.dt0 is None else -self.dt0
@@ -149,7 +174,10 @@ def _problem(
     max_steps,
     throw,
     backward_solver=None,
+    mode="reversible",
 ) -> _Problem:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if not callable(vector_field):
         raise TypeError("vector_field must be a callable f(t, X, W)")
     if running_cost is None and terminal_cost is None:
@@ -161,6 +189,15 @@ def _problem(
         stepsize_controller = diffrax.ConstantStepSize()
     if isinstance(stepsize_controller, diffrax.ConstantStepSize) and dt0 is None:
         raise ValueError("dt0 is required with a constant step size")
+    if mode == "reversible":
+        if backward_solver is not None:
+            raise ValueError(
+                "backward_solver applies to mode='optimise-then-discretise' only: the "
+                "reversible mode's backward pass is the discrete costate recursion of "
+                "the forward scheme"
+            )
+        if not isinstance(solver, Reversible):
+            solver = Reversible(solver)
     return _Problem(
         vector_field,
         _zero_cost if running_cost is None else running_cost,
@@ -173,6 +210,7 @@ def _problem(
         dt0,
         max_steps,
         throw,
+        mode,
     )
 
 
@@ -204,9 +242,31 @@ def costate_ode(
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     max_steps: int = 16384,
     throw: bool = True,
+    mode: str = "reversible",
 ) -> CostateODESolution:
-    """C and dC/dW for dX/dt = f(t, X, W) by the backward costate ODE (Hamilton's
-    equations, see the module docstring), both solves with diffrax.
+    """C and dC/dW for dX/dt = f(t, X, W) by a backward costate pass in memory
+    independent of the number of steps (see the module docstring), with diffrax.
+
+    By default (`mode="reversible"`) X is integrated by `Reversible(solver)` and the
+    gradient is the exact gradient of the computed C (the discrete costate recursion of
+    the scheme, `ReversibleAdjoint`); `mode="optimise-then-discretise"` integrates the
+    costate ODE dB/dt = −∂H/∂X backward instead (an approximation of that gradient).
+
+    Cost: the reversible default is exact, not the fastest. Each reversible step is two
+    base steps (from z_n forward, from y_{n+1} backward), and its backward pass runs
+    both again with their VJPs (≈ 3 base steps each): about 8 base steps a step in all,
+    against 1 + 2 for `RecursiveCheckpointAdjoint` storing every step and ≈ 1 + 3 for
+    the optimise-then-discretise mode. With the default Tsit5 base this is ≈ 10× the
+    plain Tsit5 forward at 1,000 steps (n = 128, batch 64, float32), slower than
+    `mode="optimise-then-discretise"` (≈ 5×); see
+    `benchmarks/results/continuous_costates.md`. Choose the reversible mode for an
+    exact gradient in O(1) memory (the costate ODE's gradient is off by its
+    integration error, and goes wrong for dissipative dynamics, whose backward state
+    reconstruction is unstable); choose a cheap base (`solver=diffrax.Midpoint()`,
+    ≈ 3×) when the discretisation error of a second-order scheme (compare with a fine
+    reference) is acceptable, or the optimise-then-discretise mode when speed matters
+    more than exactness and the dynamics are benign. Tsit5 stays the default base as it
+    is accurate per step and adaptive.
 
     **Arguments:**
 
@@ -216,13 +276,16 @@ def costate_ode(
     - `t0`, `t1`, `dt0`: the interval and the (initial) step.
     - `running_cost`: ℓ(t, X, W) → scalar (summed over patterns), or None.
     - `terminal_cost`: Φ(X(t1)) → scalar, or None.
-    - `solver`: a diffrax solver (default `Tsit5()`), used forward and backward.
-    - `backward_solver`: another solver for the costate ODE (default: `solver`). In
-      optimise-then-discretise the costate ODE may be discretised on its own terms: a
-      lower-order solver (e.g. `diffrax.Bosh3()`) trades O(dt^p) gradient error for
-      fewer vector-field evaluations; `compare_costate_gradients` shows the difference.
+    - `solver`: a diffrax solver (default `Tsit5()`). In the reversible mode it is the
+      base of the reversible scheme (wrapped in `Reversible` unless it already is one);
+      otherwise it is used forward and backward.
+    - `backward_solver`: (`mode="optimise-then-discretise"` only) another solver for the
+      costate ODE (default: `solver`): a lower-order solver (e.g. `diffrax.Bosh3()`)
+      trades O(dt^p) gradient error for fewer vector-field evaluations;
+      `compare_costate_gradients` shows the difference.
     - `stepsize_controller`: default `diffrax.ConstantStepSize()` (then `dt0` is needed).
     - `max_steps`, `throw`: as in `diffrax.diffeqsolve`.
+    - `mode`: `"reversible"` (default) or `"optimise-then-discretise"`.
     """
     problem = _problem(
         vector_field,
@@ -236,6 +299,7 @@ def costate_ode(
         max_steps=max_steps,
         throw=throw,
         backward_solver=backward_solver,
+        mode=mode,
     )
     x0 = jnp.asarray(x0)
     _check_costs(problem, params, x0)
@@ -244,6 +308,17 @@ def costate_ode(
 
 @eqx.filter_jit
 def _costate_ode(problem: _Problem, params, x0) -> CostateODESolution:
+    if problem.mode == "reversible":
+
+        def cost(params_x0):
+            x1, value, steps = problem.forward(*params_x0, ReversibleAdjoint())
+            return value, (x1, steps)
+
+        (value, (x1, steps)), (grads, x0_grad) = eqx.filter_value_and_grad(cost, has_aux=True)(
+            (params, x0)
+        )
+        b1 = -jax.grad(problem.terminal_cost)(x1)  # B(t1) = −∂Φ/∂X(t1)
+        return CostateODESolution(value, grads, x1, -x0_grad, b1, steps, steps)
     x1, value, fsteps = problem.forward(params, x0)
     b1 = -jax.grad(problem.terminal_cost)(x1)  # B(t1) = −∂Φ/∂X(t1)
     _, b0, grads, bsteps = problem.backward(params, x1, b1)
@@ -264,10 +339,16 @@ def trajectory_cost(
     backward_solver: diffrax.AbstractSolver | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     max_steps: int = 16384,
+    mode: str = "reversible",
 ) -> Scalar:
     """C = Φ(X(t1)) + ∫ ℓ dt as a differentiable function of `params` and `x0`, whose
-    custom VJP is the backward costate ODE: `jax.grad` returns ∫ ∂H/∂W dt and −B(t0).
-    The forward pass stores X(t1) only. Arguments as in `costate_ode`."""
+    VJP is the backward costate pass of `mode`: `jax.grad` returns dC/dW and −B(t0) =
+    dC/dx0. By default (`"reversible"`) the solve is `Reversible(solver)` and its
+    gradient is exact, by `ReversibleAdjoint`; with `"optimise-then-discretise"` it is
+    the backward costate ODE, integrated by `diffrax.BacksolveAdjoint` (the same
+    equations as `costate_ode`'s backward pass, on diffrax's adjoint interface).
+    Either way the forward pass stores X(t1) (and one time per step) only. Arguments as
+    in `costate_ode`."""
     problem = _problem(
         vector_field,
         t0=t0,
@@ -280,45 +361,25 @@ def trajectory_cost(
         max_steps=max_steps,
         throw=True,
         backward_solver=backward_solver,
+        mode=mode,
     )
     x0 = jnp.asarray(x0)
     _check_costs(problem, params, x0)
-    return _cost_vjp((params, x0), problem)
-
-
-@eqx.filter_custom_vjp
-def _cost_vjp(vjp_arg, problem):
-    params, x0 = vjp_arg
-    return problem.forward(params, x0)[1]
-
-
-@_cost_vjp.def_fwd
-def _cost_vjp_fwd(perturbed, vjp_arg, problem):
-    del perturbed
-    params, x0 = vjp_arg
-    x1, value, _ = problem.forward(params, x0)
-    return value, x1  # only X(t1) is stored
-
-
-@_cost_vjp.def_bwd
-def _cost_vjp_bwd(x1, ct, perturbed, vjp_arg, problem):
-    params, _ = vjp_arg
-    b1 = -jax.grad(problem.terminal_cost)(x1)
-    _, b0, grads, _ = problem.backward(params, x1, b1)
-    grads = jtu.tree_map(lambda g: ct * g, grads)
-    grads = jtu.tree_map(
-        lambda p, g: g if p else None, perturbed[0], grads, is_leaf=lambda v: v is None
-    )
-    return grads, (-ct * b0 if perturbed[1] else None)
+    if mode == "reversible":
+        adjoint = ReversibleAdjoint()
+    else:  # diffrax's own backward costate ODE, on the solver of `backward_solver`
+        adjoint = diffrax.BacksolveAdjoint(solver=problem.backward_solver)
+    return problem.forward(params, x0, adjoint)[1]
 
 
 class CostateComparison(eqx.Module):
     """Optimise-then-discretise (our costate ODE) against discretise-then-optimise.
 
-    - `costate_ode`: dC/dW from `costate_ode` (optimise-then-discretise).
+    - `costate_ode`: dC/dW from `costate_ode` (in its `mode`).
     - `recursive_checkpoint`: dC/dW from `jax.grad` through the discretised solve with
-      `diffrax.RecursiveCheckpointAdjoint` (discretise-then-optimise: the exact gradient
-      of the computed C).
+      `diffrax.RecursiveCheckpointAdjoint` on the same solver (`Reversible(solver)` in
+      the reversible mode): discretise-then-optimise, the exact gradient of the
+      computed C.
     - `backsolve`: dC/dW with `diffrax.BacksolveAdjoint`.
     - `rel_diff_recursive_checkpoint`, `rel_diff_backsolve`: max |ours − theirs| /
       max |theirs| over all leaves.
@@ -385,6 +446,9 @@ def compare_costate_gradients(vector_field: Callable, params: PyTree, x0: Array,
     ours = costate_ode(vector_field, params, x0, **kwargs)
     kwargs.pop("throw", None)
     kwargs.pop("backward_solver", None)
+    if kwargs.pop("mode", "reversible") == "reversible":
+        solver = kwargs.get("solver", diffrax.Tsit5())
+        kwargs["solver"] = solver if isinstance(solver, Reversible) else Reversible(solver)
     rc = diffrax_gradient(
         vector_field, params, x0, adjoint=diffrax.RecursiveCheckpointAdjoint(), **kwargs
     )

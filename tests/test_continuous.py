@@ -125,13 +125,26 @@ def test_any_pytree_parameters():
     x0 = jnp.array([0.5, -0.2])
     kw = dict(t0=0.0, t1=1.0, dt0=0.01, terminal_cost=lambda x: jnp.sum(x**2))
     sol = adj.costate_ode(vf, mlp, x0, **kw)
-    g = eqx.filter_grad(lambda m: adj.trajectory_cost(vf, m, x0, **kw))(mlp)
+    g = eqx.filter_jit(eqx.filter_grad(lambda m: adj.trajectory_cost(vf, m, x0, **kw)))(mlp)
 
     def reference(m):
         term = diffrax.ODETerm(lambda t, x, args: m(x))
         ys = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 1.0, 0.01, x0).ys
         return jnp.sum(ys[-1] ** 2)
 
-    ref = eqx.filter_grad(reference)(mlp)
+    ref = eqx.filter_jit(eqx.filter_grad(reference))(mlp)
     assert tree_max_rel_error(eqx.filter(sol.grads, eqx.is_array), ref) < 1e-6
     assert tree_max_rel_error(eqx.filter(g, eqx.is_array), ref) < 1e-6
+
+
+def test_optimise_then_discretise_cost_is_diffrax_backsolve(problem):
+    """`trajectory_cost(mode="optimise-then-discretise")` differentiates by diffrax's
+    BacksolveAdjoint: the same backward costate ODE as `costate_ode`'s own pass."""
+    params, x0, kwargs = problem
+    otd = dict(kwargs, mode="optimise-then-discretise")
+    grads, x0_grad = eqx.filter_jit(
+        jax.grad(lambda p, x: adj.trajectory_cost(_vector_field, p, x, **otd), argnums=(0, 1))
+    )(params, x0)
+    sol = adj.costate_ode(_vector_field, params, x0, **otd)
+    assert tree_max_rel_error(grads, sol.grads) < 1e-10
+    assert tree_max_rel_error(x0_grad, -sol.initial_costate) < 1e-10

@@ -1,0 +1,327 @@
+"""Algebraically reversible Runge–Kutta schemes and their exact O(1)-memory adjoint.
+
+McCallum & Foster (2024), "Efficient, Accurate and Stable Gradients for Neural ODEs".
+Given any base one-step method with increment Ψ_h(t, y) = (base step of y over
+[t, t + h]) − y, the reversible scheme carries a pair (y_n, z_n), z_0 = y_0:
+
+    y_{n+1} = λ y_n + (1 − λ) z_n + Ψ_{h_n}(t_n, z_n),
+    z_{n+1} = z_n − Ψ_{−h_n}(t_{n+1}, y_{n+1}),
+
+with a coupling 0 < λ ≤ 1. The step inverts in closed form,
+
+    z_n = z_{n+1} + Ψ_{−h_n}(t_{n+1}, y_{n+1}),
+    y_n = (y_{n+1} − (1 − λ) z_n − Ψ_{h_n}(t_n, z_n)) / λ,
+
+so the backward pass reconstructs every (y_n, z_n) from (y_N, z_N) without storing the
+trajectory, and runs the discrete costate recursion of the scheme (the VJP of each step,
+discretise-then-optimise). With ȳ_n = ∂C/∂y_n = −B_n (B the paper's costate), z̄_n and
+θ̄ the adjoints of z_n and of the parameters θ (`args` and the arrays of `terms`):
+
+    ŷ     = ȳ_{n+1} − (∂Ψ_{−h}/∂y)ᵀ(t_{n+1}, y_{n+1}) z̄_{n+1},
+    θ̄    −= (∂Ψ_{−h}/∂θ)ᵀ(t_{n+1}, y_{n+1}) z̄_{n+1},
+    ȳ_n   = λ ŷ,
+    z̄_n   = z̄_{n+1} + (1 − λ) ŷ + (∂Ψ_h/∂z)ᵀ(t_n, z_n) ŷ,
+    θ̄    += (∂Ψ_h/∂θ)ᵀ(t_n, z_n) ŷ,
+
+and finally ∂C/∂y_0 = ȳ_0 + z̄_0 (as z_0 = y_0). Each of the two increments is
+evaluated once per backward step, by one `jax.vjp` that returns both the primal (for
+the reconstruction) and the pullback. Memory is that of one step and one scalar time
+per step; the gradient equals `jax.grad` through the same reversible solve with
+`diffrax.RecursiveCheckpointAdjoint` up to round-off.
+"""
+
+import functools as ft
+from collections.abc import Callable
+from typing import ClassVar
+
+import diffrax
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from diffrax._adjoint import _only_transpose_ys
+from diffrax._integrate import SaveState
+from diffrax._saveat import save_y
+
+
+def _is_subsaveat(x) -> bool:
+    return isinstance(x, diffrax.SubSaveAt)
+
+
+def _increment(solver: diffrax.AbstractSolver, terms, t0, t1, y0, args):
+    """Ψ_{t1 − t0}(t0, y0): one step of the base solver from a fresh solver state."""
+    state = solver.init(terms, t0, t1, y0, args)
+    y1, y_error, dense_info, _, result = solver.step(terms, t0, t1, y0, args, state, False)
+    return jtu.tree_map(lambda a, b: a - b, y1, y0), y_error, dense_info, result
+
+
+class Reversible(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
+    """The algebraically reversible version of a one-step diffrax solver (McCallum &
+    Foster, 2024):
+
+        y_{n+1} = λ y_n + (1 − λ) z_n + Ψ_h(t_n, z_n),
+        z_{n+1} = z_n − Ψ_{−h}(t_{n+1}, y_{n+1}),   z_0 = y_0,
+
+    where Ψ_h(t, y) is the base solver's increment over [t, t + h]. It has the base's
+    order of convergence and costs two base steps a step (first-same-as-last is not
+    reused, as the two steps start from different states). Its error estimate (for
+    adaptive steps) is the base's, of the step from z_n; dense output is linear between
+    y_n and y_{n+1}. Differentiate it in O(1) memory with `ReversibleAdjoint`.
+
+    **Arguments:**
+
+    - `solver`: the base solver: a diffrax solver for a single ODE term (e.g.
+      `diffrax.Tsit5()`, `diffrax.Midpoint()`).
+    - `coupling`: λ ∈ (0, 1]. λ = 1 is the symmetric scheme, which is only linearly
+      stable on the imaginary axis; λ < 1 damps the y–z decoupling (the paper uses
+      0.999); the reconstruction divides by λ, so λ should not be small.
+    """
+
+    solver: diffrax.AbstractSolver
+    coupling: float = 0.999
+
+    term_structure: ClassVar = diffrax.AbstractTerm
+    interpolation_cls: ClassVar[Callable[..., diffrax.LocalLinearInterpolation]] = (
+        diffrax.LocalLinearInterpolation
+    )
+
+    def __check_init__(self):
+        if not isinstance(self.solver, diffrax.AbstractSolver):
+            raise TypeError(f"Reversible wraps a diffrax solver, got {type(self.solver).__name__}")
+        if isinstance(self.solver, Reversible):
+            raise ValueError("Reversible(Reversible(...)) is not supported")
+        if jtu.tree_structure(self.solver.term_structure) != jtu.tree_structure(0):
+            raise ValueError(
+                f"Reversible needs a base solver for a single term, got "
+                f"{type(self.solver).__name__} with term structure "
+                f"{self.solver.term_structure}"
+            )
+        if isinstance(self.coupling, (int, float)) and not 0 < self.coupling <= 1:
+            raise ValueError(f"the coupling λ must lie in (0, 1], got {self.coupling}")
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        return y0  # z_0 = y_0
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        del made_jump  # the base solver is restarted at every step
+        lam = self.coupling
+        z0 = solver_state
+        psi, y_error, _, result1 = _increment(self.solver, terms, t0, t1, z0, args)
+        y1 = jtu.tree_map(lambda y, z, p: lam * y + (1 - lam) * z + p, y0, z0, psi)
+        psi_back, _, _, result2 = _increment(self.solver, terms, t1, t0, y1, args)
+        z1 = jtu.tree_map(lambda z, p: z - p, z0, psi_back)
+        dense_info = dict(y0=y0, y1=y1)
+        result = diffrax.RESULTS.where(result1 == diffrax.RESULTS.successful, result2, result1)
+        return y1, y_error, dense_info, z1, result
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+
+def _save_nothing(t, y, args):
+    return jnp.zeros((0,), jnp.result_type(t))  # the step's time is saved beside it
+
+
+@eqx.filter_custom_vjp
+def _loop_reversible(y__args__terms, *, self, throw, init_state, **kwargs):
+    del throw  # diffeqsolve raises after the loop
+    y, args, terms = y__args__terms
+    init_state = eqx.tree_at(lambda s: s.y, init_state, y)
+    return self._loop(
+        args=args,
+        terms=terms,
+        init_state=init_state,
+        inner_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
+        outer_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
+        **kwargs,
+    )
+
+
+@_loop_reversible.def_fwd
+def _loop_reversible_fwd(perturbed, y__args__terms, **kwargs):
+    del perturbed
+    final_state, aux_stats = _loop_reversible(y__args__terms, **kwargs)
+    _, step_saves = final_state.save_state
+    # Residuals: the step times t_1, …, t_N, N, and (y_N, z_N). Nothing else is kept.
+    residuals = (
+        step_saves.ts,
+        final_state.num_accepted_steps,
+        final_state.y,
+        final_state.solver_state,
+    )
+    return (final_state, aux_stats), residuals
+
+
+@_loop_reversible.def_bwd
+def _loop_reversible_bwd(
+    residuals, grad_final_state__aux_stats, perturbed, y__args__terms, *, solver, t0, **kwargs
+):
+    del perturbed
+    step_ts, num_steps, y_final, z_final = residuals
+    grad_final_state, _ = grad_final_state__aux_stats
+    user_saves, _ = grad_final_state.save_state
+    y0, args, terms = y__args__terms
+    # ∂C/∂y_N and (if SaveAt(t0=True)) ∂C/∂y_0 from the cotangent of the saved ys.
+    grad_ys = jtu.tree_map(
+        lambda y, g: jnp.zeros((1,) + y.shape, y.dtype) if g is None else g,
+        y0,
+        user_saves.ys,
+        is_leaf=lambda g: g is None,
+    )
+    save_t0 = kwargs["saveat"].subs[0].t0
+    grad_y_final = jtu.tree_map(lambda g: g[-1], grad_ys)
+    grad_y_initial = jtu.tree_map(lambda g: g[0], grad_ys) if save_t0 else None
+
+    diff_args, static_args = eqx.partition(args, eqx.is_inexact_array)
+    diff_terms, static_terms = eqx.partition(terms, eqx.is_inexact_array)
+    base, lam = solver.solver, solver.coupling
+    times = jnp.concatenate([jnp.asarray(t0, step_ts.dtype)[None], step_ts])
+
+    def increment(ta, tb, x, d_args, d_terms):
+        a = eqx.combine(d_args, static_args)
+        tm = eqx.combine(d_terms, static_terms)
+        return _increment(base, tm, ta, tb, x, a)[0]
+
+    def body(carry):
+        n, y, z, y_bar, z_bar, params_bar = carry
+        t_lo, t_hi = times[n - 1], times[n]
+        # z_n = z_{n+1} + Ψ_{−h}(t_{n+1}, y_{n+1}) and its pullback, in one vjp.
+        psi_back, pull_back = jax.vjp(
+            lambda x, a, tm: increment(t_hi, t_lo, x, a, tm), y, diff_args, diff_terms
+        )
+        z = jtu.tree_map(jnp.add, z, psi_back)
+        dy, da, dt = pull_back(z_bar)
+        y_hat = jtu.tree_map(jnp.subtract, y_bar, dy)
+        params_bar = jtu.tree_map(jnp.subtract, params_bar, (da, dt))
+        # y_n = (y_{n+1} − (1 − λ) z_n − Ψ_h(t_n, z_n)) / λ and its pullback.
+        psi, pull = jax.vjp(
+            lambda x, a, tm: increment(t_lo, t_hi, x, a, tm), z, diff_args, diff_terms
+        )
+        y = jtu.tree_map(lambda y1, z0, p: (y1 - (1 - lam) * z0 - p) / lam, y, z, psi)
+        dz, da, dt = pull(y_hat)
+        y_bar = jtu.tree_map(lambda g: lam * g, y_hat)
+        z_bar = jtu.tree_map(lambda zb, g, d: zb + (1 - lam) * g + d, z_bar, y_hat, dz)
+        params_bar = jtu.tree_map(jnp.add, params_bar, (da, dt))
+        return n - 1, y, z, y_bar, z_bar, params_bar
+
+    zeros = jtu.tree_map(jnp.zeros_like, (diff_args, diff_terms))
+    carry = (num_steps, y_final, z_final, grad_y_final, jtu.tree_map(jnp.zeros_like, y0), zeros)
+    _, _, _, y_bar, z_bar, (args_bar, terms_bar) = lax.while_loop(lambda c: c[0] > 0, body, carry)
+    y0_bar = jtu.tree_map(jnp.add, y_bar, z_bar)  # z_0 = y_0
+    if grad_y_initial is not None:
+        y0_bar = jtu.tree_map(jnp.add, y0_bar, grad_y_initial)
+    return y0_bar, args_bar, terms_bar
+
+
+class ReversibleAdjoint(diffrax.AbstractAdjoint):
+    """Backpropagate through `diffrax.diffeqsolve` with a `Reversible` solver in memory
+    independent of the number of steps, exactly: the backward pass reconstructs each
+    (y_n, z_n) from (y_{n+1}, z_{n+1}) by the closed-form inverse of the step and runs
+    the discrete costate recursion of the scheme (see the module docstring),
+
+        ȳ_n = λ ŷ,   z̄_n = z̄_{n+1} + (1 − λ) ŷ + (∂Ψ_h/∂z)ᵀ ŷ,
+        ŷ = ȳ_{n+1} − (∂Ψ_{−h}/∂y)ᵀ z̄_{n+1},
+
+    so the gradient is that of `diffrax.RecursiveCheckpointAdjoint` on the same solver
+    and steps, to round-off (not an approximation like `diffrax.BacksolveAdjoint`'s).
+    It stores the final (y_N, z_N) and one time per accepted step (adaptive steps are
+    replayed from those times).
+
+    Usage: `diffrax.diffeqsolve(term, Reversible(diffrax.Tsit5()), ...,
+    saveat=diffrax.SaveAt(t1=True), adjoint=ReversibleAdjoint())`.
+
+    Gradients flow to `y0`, `args` and the arrays of `terms`, not to `t0`, `t1`, `dt0`
+    or closed-over values (JAX raises a `CustomVJPException`). Reverse mode only, once:
+    forward mode (`jax.jvp`) and so second derivatives raise JAX's "can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function" `TypeError`; use
+    `diffrax.RecursiveCheckpointAdjoint` or `diffrax.DirectAdjoint` for those.
+    Supported: a single ODE term, `SaveAt(t1=True)` optionally with `t0=True`, no
+    events, a finite `max_steps`, no `solver_state`/`controller_state` passed in.
+    """
+
+    def loop(
+        self,
+        *,
+        args,
+        terms,
+        solver,
+        saveat,
+        init_state,
+        passed_solver_state,
+        passed_controller_state,
+        event,
+        max_steps,
+        **kwargs,
+    ):
+        if not isinstance(solver, Reversible):
+            raise ValueError(
+                "ReversibleAdjoint needs a reversible solver, e.g. "
+                f"solver=adjoint.Reversible(diffrax.Tsit5()); got {type(solver).__name__}"
+            )
+        if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
+            raise NotImplementedError("ReversibleAdjoint does not support SaveAt(subs=...)")
+        sub = saveat.subs
+        if saveat.dense or sub.steps or sub.ts is not None or not sub.t1:
+            raise NotImplementedError(
+                "ReversibleAdjoint supports SaveAt(t1=True) (optionally with t0=True) "
+                f"only, got {saveat}"
+            )
+        if sub.fn is not save_y:
+            raise NotImplementedError("ReversibleAdjoint does not support SaveAt(fn=...)")
+        if event is not None:
+            raise NotImplementedError("ReversibleAdjoint is not compatible with events")
+        if max_steps is None:
+            raise ValueError("ReversibleAdjoint needs a finite max_steps (it stores step times)")
+        if passed_solver_state or passed_controller_state:
+            raise NotImplementedError(
+                "ReversibleAdjoint does not support passing solver_state or controller_state"
+            )
+        if not isinstance(terms, diffrax.AbstractTerm) or isinstance(terms, diffrax.MultiTerm):
+            raise NotImplementedError("ReversibleAdjoint supports a single ODE term")
+
+        # Record the step times beside the user's saves: one scalar per step.
+        steps_sub = diffrax.SubSaveAt(steps=True, fn=_save_nothing)
+        times = jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_state.tprev))
+        steps_save = SaveState(
+            saveat_ts_index=0, ts=times, ys=jnp.zeros((max_steps, 0), times.dtype), save_index=0
+        )
+        augmented = diffrax.SaveAt(subs=(sub, steps_sub))
+        y = init_state.y
+        init_state = eqx.tree_at(
+            lambda s: (s.y, s.save_state),
+            init_state,
+            (object(), (init_state.save_state, steps_save)),
+        )
+        init_state = eqx.tree_at(
+            lambda s: (s.solver_state, s.controller_state),
+            init_state,
+            replace_fn=lax.stop_gradient,
+            is_leaf=lambda x: x is None,
+        )
+        final_state, aux_stats = _loop_reversible(
+            (y, args, terms),
+            self=self,
+            saveat=augmented,
+            init_state=init_state,
+            solver=solver,
+            event=event,
+            max_steps=max_steps,
+            **kwargs,
+        )
+        final_state = eqx.tree_at(lambda s: s.save_state, final_state, final_state.save_state[0])
+        final_state = _only_transpose_ys(final_state)
+        return final_state, aux_stats
+
+
+__all__ = ["Reversible", "ReversibleAdjoint"]
