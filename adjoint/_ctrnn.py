@@ -17,6 +17,13 @@ Internally the solves carry the cotangent λ = −B, which is what `jax.grad` ha
 custom VJP: λ − Wᵀ F' λ = ∂Cᵀ/∂X. Nothing of the forward relaxation is stored: the
 backward pass needs X* alone (F' is recomputed from X*), so memory does not depend on
 how many steps the relaxation took.
+
+Defaults: `CTRNN()` takes the fastest correct path, the optimistix iterations
+`FixedPointSolve()` + `FixedPointAdjoint()` (one matrix product per sweep on the whole
+batch); the diffrax relaxation `Relaxation()` and Pineda's backward network
+`PinedaAdjoint()` converge wherever the fixed point is an attractor, also where W F' is
+not a contraction. Every tolerance left unset follows the dtype of the solve
+(`CTRNN.default_tol`).
 """
 
 import abc
@@ -32,7 +39,32 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
+from ._results import RESULTS
 from ._stage import _ACTIVATIONS, _activation_name, apply_activation
+
+
+def default_tol(dtype) -> float:
+    """The tolerance of every CTRNN solve whose tolerance is left unset, from the dtype
+    the solve runs in (that of the inputs and W):
+
+        tol = max(1e-10, min(100 eps, √eps))
+
+    that is 1e-10 in float64, 1.2e-5 in float32, 3.1e-2 in float16 and 8.8e-2 in
+    bfloat16. A fixed point cannot be computed to better than about eps · cond: in float32
+    the residual ‖X − F(W X + b + I)‖∞ of the plain iteration stalls at 1–17 eps
+    (measured: tanh, batch 64, n = 16 … 1024, ‖W‖₂ = 0.5 … 2), so 100 eps stays several
+    times above that floor; √eps caps it for 8- and 11-bit mantissas (floor about 1 eps);
+    in float64 1e-10 is some five orders above the rounding floor, so that every
+    strategy reaches it (each further digit costs the iterations 1/log₁₀(1/ρ) sweeps).
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    return max(1e-10, min(100 * eps, eps**0.5))
+
+
+def _tolerances(rtol: float | None, atol: float | None, dtype) -> tuple[float, float]:
+    """(rtol, atol), each `default_tol(dtype)` where left unset."""
+    tol = default_tol(dtype)
+    return (tol if rtol is None else rtol), (tol if atol is None else atol)
 
 
 def _max_norm(x: Array) -> Scalar:
@@ -51,21 +83,40 @@ def _spectral_norm_estimate(weight: Array, iterations: int = 16) -> Scalar:
     return jnp.linalg.norm(weight @ v)
 
 
-def _controller(controller, tau, weight, slope):
+def _controller(controller, tau, weight, slope, dtype):
     """The default step-size controller for a relaxation to rest: PIDController with its
     step capped at 2.5 τ / (1 + 1.2 ‖W‖₂ max|F'|), so that λ dt stays inside the
     solver's stability region for every eigenvalue λ of (W F' − 1)/τ. Without the cap an
     adaptive solver sits on its stability boundary near rest, where its error estimate
-    holds the residual at the controller's tolerance instead of letting it decay."""
+    holds the residual at the controller's tolerance instead of letting it decay.
+
+    Its tolerance, max(1e-5, `default_tol(dtype)`), governs the transient only: where the
+    solve stops is set by the steady-state test, not by the controller."""
     if controller is not None:
         return controller
     bound = 1 + 1.2 * slope * _spectral_norm_estimate(jax.lax.stop_gradient(weight))
-    return diffrax.PIDController(rtol=1e-5, atol=1e-5, dtmax=2.5 * tau / bound)
+    tol = max(1e-5, default_tol(dtype))
+    return diffrax.PIDController(rtol=tol, atol=tol, dtmax=2.5 * tau / bound)
 
 
 # --------------------------------------------------------------------------------------
 # Forward strategies: how the fixed point X* = F(W X* + b + I) is found.
 # --------------------------------------------------------------------------------------
+
+
+def _max_norm_default_float(x: PyTree) -> Scalar:
+    """optimistix's max norm, in JAX's default float dtype: the dtype in which
+    `optx.FixedPointIteration` starts its error estimate, so that a float32 solve with
+    `jax_enable_x64` on keeps the dtype of its loop carry (float64 else float32)."""
+    return optx.max_norm(x).astype(jnp.zeros(()).dtype)
+
+
+def _iteration(solver, dtype):
+    """`solver`, or the plain iteration at the dtype's default tolerance."""
+    if solver is not None:
+        return solver
+    tol = default_tol(dtype)
+    return optx.FixedPointIteration(rtol=tol, atol=tol, norm=_max_norm_default_float)
 
 
 class AbstractRelaxation(eqx.Module):
@@ -106,24 +157,26 @@ class Relaxation(AbstractRelaxation):
     **Arguments:**
 
     - `solver`: a diffrax ODE solver (default `diffrax.Tsit5()`).
-    - `stepsize_controller`: default `diffrax.PIDController(rtol=1e-5, atol=1e-5)` with
-      its step capped at 2.5 min τ / (1 + 1.2 ‖W‖₂ max|F'|) (estimated by power
-      iteration). Only the residual at rest matters, not the transient; the cap keeps
-      an adaptive solver off its stability boundary, where its error estimate would
-      otherwise hold the residual at the controller's tolerance.
-    - `rtol`, `atol`: the steady-state tolerances above (default 1e-6).
+    - `stepsize_controller`: default `diffrax.PIDController` (tolerance
+      max(1e-5, `default_tol`)) with its step capped at 2.5 min τ / (1 + 1.2 ‖W‖₂ max|F'|)
+      (estimated by power iteration). Only the residual at rest matters, not the
+      transient; the cap keeps an adaptive solver off its stability boundary, where its
+      error estimate would otherwise hold the residual at the controller's tolerance.
+    - `rtol`, `atol`: the steady-state tolerances above (default `CTRNN.default_tol` of
+      the solve's dtype: 1e-10 in float64, 1.2e-5 in float32).
     - `dt0`: initial step (required by a constant step size; default None).
     - `max_steps`: the most ODE steps (default 4096).
     """
 
     solver: diffrax.AbstractSolver = diffrax.Tsit5()
     stepsize_controller: diffrax.AbstractStepSizeController | None = None
-    rtol: float = 1e-6
-    atol: float = 1e-6
+    rtol: float | None = None
+    atol: float | None = None
     dt0: float | None = None
     max_steps: int = 4096
 
     def fixed_point(self, ctrnn, inputs, x0):
+        rtol, atol = _tolerances(self.rtol, self.atol, x0.dtype)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(_relaxation_vector_field),
             self.solver,
@@ -131,10 +184,14 @@ class Relaxation(AbstractRelaxation):
             t1=jnp.asarray(jnp.inf, x0.dtype),
             dt0=self.dt0,
             y0=x0,
-            args=(ctrnn, inputs, self.rtol, self.atol),
+            args=(ctrnn, inputs, rtol, atol),
             saveat=diffrax.SaveAt(t1=True),
             stepsize_controller=_controller(
-                self.stepsize_controller, jnp.min(ctrnn.tau), ctrnn.weight, ctrnn._max_slope
+                self.stepsize_controller,
+                jnp.min(ctrnn.tau),
+                ctrnn.weight,
+                ctrnn._max_slope,
+                x0.dtype,
             ),
             event=diffrax.Event(_relaxation_at_rest),
             max_steps=self.max_steps,
@@ -148,24 +205,25 @@ class FixedPointSolve(AbstractRelaxation):
     """Solve X = F(W X + b + I) directly with an optimistix fixed-point (or root) solver.
 
     With the default `optx.FixedPointIteration` this is X ← F(W X + b + I), an Euler step
-    of the relaxation with dt = τ; it converges when W F' is a contraction.
+    of the relaxation with dt = τ; it converges when W F' is a contraction (as for the
+    random initialisation, ‖W‖₂ = 0.5 and |F'| ≤ 1). It stops once every unit moves by
+    at most atol + rtol |X| in a sweep. The default forward strategy of `CTRNN`.
 
     **Arguments:**
 
     - `solver`: an optimistix fixed-point or root-find solver (default
-      `optx.FixedPointIteration(rtol=1e-6, atol=1e-6)`).
-    - `max_steps`: the most iterations (default 256).
+      `optx.FixedPointIteration` with rtol = atol = `CTRNN.default_tol` of the solve's
+      dtype: 1e-10 in float64, 1.2e-5 in float32).
+    - `max_steps`: the most iterations (default 1024).
     """
 
-    solver: optx.AbstractFixedPointSolver | optx.AbstractRootFinder = optx.FixedPointIteration(
-        rtol=1e-6, atol=1e-6
-    )
-    max_steps: int = 256
+    solver: optx.AbstractFixedPointSolver | optx.AbstractRootFinder | None = None
+    max_steps: int = 1024
 
     def fixed_point(self, ctrnn, inputs, x0):
         sol = optx.fixed_point(
             _relaxation_map,
-            self.solver,
+            _iteration(self.solver, x0.dtype),
             x0,
             (ctrnn, inputs),
             max_steps=self.max_steps,
@@ -231,20 +289,21 @@ class PinedaAdjoint(AbstractCTRNNAdjoint):
     diverges. The solve stops once ‖B − Wᵀ F'ᵀ B + ∂Cᵀ/∂X‖∞ ≤ atol + rtol ‖B‖∞.
 
     **Arguments:** `solver` (default `diffrax.Tsit5()`), `stepsize_controller`
-    (default `diffrax.PIDController(rtol=1e-5, atol=1e-5)`, step capped as in
-    `Relaxation`), `rtol`,
-    `atol` (default 1e-6), `dt0`, `max_steps` (default 4096), `tau` τ_B (default 1.0).
+    (default as in `Relaxation`), `rtol`, `atol` (default `CTRNN.default_tol` of the
+    solve's dtype: 1e-10 in float64, 1.2e-5 in float32), `dt0`, `max_steps` (default
+    4096), `tau` τ_B (default 1.0).
     """
 
     solver: diffrax.AbstractSolver = diffrax.Tsit5()
     stepsize_controller: diffrax.AbstractStepSizeController | None = None
-    rtol: float = 1e-6
-    atol: float = 1e-6
+    rtol: float | None = None
+    atol: float | None = None
     dt0: float | None = None
     max_steps: int = 4096
     tau: float = 1.0
 
     def solve(self, weight, derivative, cotangent):
+        rtol, atol = _tolerances(self.rtol, self.atol, cotangent.dtype)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(_pineda_vector_field),
             self.solver,
@@ -252,10 +311,14 @@ class PinedaAdjoint(AbstractCTRNNAdjoint):
             t1=jnp.asarray(jnp.inf, cotangent.dtype),
             dt0=self.dt0,
             y0=cotangent,
-            args=(weight, derivative, cotangent, self.tau, self.rtol, self.atol),
+            args=(weight, derivative, cotangent, self.tau, rtol, atol),
             saveat=diffrax.SaveAt(t1=True),
             stepsize_controller=_controller(
-                self.stepsize_controller, self.tau, weight, jnp.max(jnp.abs(derivative))
+                self.stepsize_controller,
+                self.tau,
+                weight,
+                jnp.max(jnp.abs(derivative)),
+                cotangent.dtype,
             ),
             event=diffrax.Event(_pineda_at_rest),
             max_steps=self.max_steps,
@@ -269,22 +332,22 @@ class FixedPointAdjoint(AbstractCTRNNAdjoint):
     """Iterate B ← Wᵀ F'ᵀ B − ∂Cᵀ/∂X with an optimistix fixed-point solver (Pineda's
     backward network with Euler steps dt = τ_B; Almeida's recurrent back-propagation).
 
-    The leanest adjoint: one matrix product per sweep on the whole batch. It converges
-    when the spectral radius of W F' is below one (see `CTRNNSolution.spectral_radius`).
+    The leanest adjoint, and the default of `CTRNN`: one matrix product per sweep on the
+    whole batch. It converges when the spectral radius of W F' is below one (see
+    `CTRNNSolution.spectral_radius`); otherwise it raises, and `PinedaAdjoint()` or
+    `LinearSolveAdjoint()` solve the system whenever the fixed point is an attractor.
 
-    **Arguments:** `solver` (default `optx.FixedPointIteration(rtol=1e-6, atol=1e-6)`),
-    `max_steps` (default 256).
+    **Arguments:** `solver` (default `optx.FixedPointIteration` with rtol = atol =
+    `CTRNN.default_tol` of the solve's dtype), `max_steps` (default 1024).
     """
 
-    solver: optx.AbstractFixedPointSolver | optx.AbstractRootFinder = optx.FixedPointIteration(
-        rtol=1e-6, atol=1e-6
-    )
-    max_steps: int = 256
+    solver: optx.AbstractFixedPointSolver | optx.AbstractRootFinder | None = None
+    max_steps: int = 1024
 
     def solve(self, weight, derivative, cotangent):
         sol = optx.fixed_point(
             _adjoint_iteration_map,
-            self.solver,
+            _iteration(self.solver, cotangent.dtype),
             cotangent,
             (weight, derivative, cotangent),
             max_steps=self.max_steps,
@@ -342,11 +405,15 @@ class CTRNNSolution(eqx.Module):
     - `num_steps`: steps taken by the forward strategy.
     - `spectral_radius`: an estimate of max_p ρ(F'_p W), the local contraction rate of
       X ↦ F(W X + b + I) at X* (below 1: the fixed-point adjoint converges too).
-    - `converged`: whether the forward strategy reached its tolerance *and* X* is
-      `stable`.
+    - `result`: an `adjoint.RESULTS` item: `successful`; `nonfinite` (X* has a NaN or
+      inf); `max_steps_reached` (the forward strategy did not reach its tolerance); or
+      `unstable` (a fixed point, but not `stable`).
+    - `converged` (a property): `result == RESULTS.successful`; only then is X* the
+      network's resting state and its implicit gradient trusted.
     - `stable`: whether X* is an attractor of the relaxation, checked independently of
       the solver: every eigenvalue of its Jacobian diag(1/τ)(F' W − 1) has a negative
-      real part. A solver started at (or passing through) an unstable fixed point may
+      real part (by a margin of √eps ‖J‖∞, so a Jacobian singular to rounding is not
+      stable). A solver started at (or passing through) an unstable fixed point may
       report success there, but the network never settles on it, and the implicit
       gradient there disagrees with finite differences.
     """
@@ -355,8 +422,12 @@ class CTRNNSolution(eqx.Module):
     residual: Scalar
     num_steps: Int[Array, ""]
     spectral_radius: Scalar
-    converged: Bool[Array, ""]
+    result: RESULTS
     stable: Bool[Array, ""]
+
+    @property
+    def converged(self) -> Bool[Array, ""]:
+        return self.result == RESULTS.successful
 
 
 class AdjointSolution(eqx.Module):
@@ -369,8 +440,10 @@ class AdjointSolution(eqx.Module):
     - `input_grad`: dC/dI = −Y.
     - `residual`: ‖B − Wᵀ F'ᵀ B + ∂Cᵀ/∂X‖∞.
     - `num_steps`: steps taken by the adjoint strategy (0 for a direct solve).
-    - `converged`: whether the adjoint strategy succeeded with a finite B *and* the
-      fixed point is `stable`.
+    - `result`: an `adjoint.RESULTS` item, as in `CTRNNSolution`: `nonfinite` (B has a
+      NaN or inf), `max_steps_reached` (the adjoint strategy failed), `unstable` (X* is
+      not `stable`) or `successful`.
+    - `converged` (a property): `result == RESULTS.successful`.
     - `stable`: whether X* is an attractor of the relaxation (see `CTRNNSolution`).
     """
 
@@ -380,8 +453,12 @@ class AdjointSolution(eqx.Module):
     input_grad: Array
     residual: Scalar
     num_steps: Int[Array, ""]
-    converged: Bool[Array, ""]
+    result: RESULTS
     stable: Bool[Array, ""]
+
+    @property
+    def converged(self) -> Bool[Array, ""]:
+        return self.result == RESULTS.successful
 
 
 def _spectral_radius(weight: Array, derivative: Array, iterations: int = 64) -> Scalar:
@@ -423,20 +500,34 @@ def _spectral_abscissa(matrices: Array) -> Array:
     return jax.lax.platform_dependent(matrices, cpu=native, cuda=native, default=host)
 
 
-def _norm_bound(weight: Array, squarings: int = 4) -> Scalar:
-    """An upper bound on ‖W‖₂ in a few matrix products, independent of the batch:
-    ‖W‖₂² = ρ(WᵀW) ≤ ‖(WᵀW)^(2^m)‖∞^(1/2^m), renormalised at each squaring (so nothing
-    overflows or underflows). Within a few per cent of ‖W‖₂ for m = 4 at n = 256."""
-    a = weight.T @ weight
+def _norm_times_slope_below(
+    weight: Array, slope: Scalar, limit: float, squarings: int = 4
+) -> Bool[Array, ""]:
+    """Whether slope · ‖W‖₂ < limit, from upper bounds on ‖W‖₂ that cost one matrix
+    product each and are independent of the batch:
+
+        ‖W‖₂² = ρ(WᵀW) ≤ ‖(WᵀW)^(2^m)‖∞^(1/2^m),   m = 0, 1, …, squarings,
+
+    renormalised at each squaring (so nothing overflows or underflows). They tighten
+    towards ‖W‖₂ as m grows (within a few per cent at m = 4, n = 256); the loop stops at
+    the first bound that settles it, so a clear contraction costs one or two products."""
+    a = _product(weight.T, weight)
     scale = jnp.max(jnp.sum(jnp.abs(a), axis=1))
     b = jnp.where(scale > 0, a / jnp.where(scale > 0, scale, 1), 0)
-    log_bound = jnp.log(scale)
-    for _ in range(squarings):
-        c = b @ b
+
+    def unsettled(carry):
+        m, _, log_bound = carry
+        return (m < squarings) & (slope * jnp.exp(log_bound / 2.0 ** (m + 1)) >= limit)
+
+    def square(carry):
+        m, b, log_bound = carry
+        c = _product(b, b)
         scale = jnp.max(jnp.sum(jnp.abs(c), axis=1))
         b = jnp.where(scale > 0, c / jnp.where(scale > 0, scale, 1), 0)
-        log_bound = 2 * log_bound + jnp.log(scale)
-    return jnp.exp(log_bound / 2 ** (squarings + 1))
+        return m + 1, b, 2 * log_bound + jnp.log(scale)
+
+    m, _, log_bound = jax.lax.while_loop(unsettled, square, (jnp.array(0), b, jnp.log(scale)))
+    return slope * jnp.exp(log_bound / 2.0 ** (m + 1)) < limit
 
 
 def _is_attractor(weight: Array, derivative: Array, tau: Array) -> Bool[Array, ""]:
@@ -448,39 +539,58 @@ def _is_attractor(weight: Array, derivative: Array, tau: Array) -> Bool[Array, "
     is not (J = 1). Sufficient tests that hold for every positive τ settle the usual
     cases without an eigensolver, cheapest first:
 
-    1. max|F'| · ‖W‖₂ < 1 (`_norm_bound`, once per batch), or Gershgorin's rows
-       F'_i w_ii + |F'_i| Σ_{j≠i} |w_ij| < 1;
+    1. Gershgorin's rows F'_i w_ii + |F'_i| Σ_{j≠i} |w_ij| < 1, or else
+       max|F'| · ‖W‖₂ < 1 (`_norm_times_slope_below`, once per batch);
     2. the symmetric part of diag(F'_p) W − 1 is negative definite (a Cholesky
        factorisation per pattern; J_p is congruent to a matrix whose field of values
        then lies in the left half-plane);
-    3. otherwise the eigenvalues of each J_p are computed.
+    3. otherwise the eigenvalues of each J_p are computed, and max Re λ < −√eps ‖J_p‖∞
+       is asked for: a Jacobian singular to within rounding (1 − W F' singular, where
+       the adjoint system has no unique solution) is not an attractor either.
+
+    Tests 2 and 3 run one pattern at a time (`lax.map`), so the check holds n×n
+    matrices only, whatever the batch (its memory is that of one n×n eigensolve).
+
+    Each test keeps a margin of √eps against rounding, so a borderline X* is refused
+    rather than trusted.
     """
     weight, derivative, tau = (jax.lax.stop_gradient(a) for a in (weight, derivative, tau))
     dtype = jnp.promote_types(jnp.result_type(weight, derivative), jnp.float32)
     weight, derivative, tau = (a.astype(dtype) for a in (weight, derivative, tau))
-    margin = 1 - float(jnp.finfo(dtype).eps) ** 0.5  # rounding in the tests below
+    rounding = float(jnp.finfo(dtype).eps) ** 0.5  # the margin of every test below
+    margin = 1 - rounding
     finite = jnp.isfinite(derivative).all() & jnp.isfinite(weight).all()
     derivative = jnp.where(jnp.isfinite(derivative), derivative, 0)
     weight = jnp.where(jnp.isfinite(weight), weight, 0)
     n = weight.shape[0]
     eye = jnp.eye(n, dtype=dtype)
-    by_norm = jnp.max(jnp.abs(derivative)) * _norm_bound(weight) < margin
     absw = jnp.abs(weight)
     diag = jnp.diagonal(weight)
     off = jnp.sum(absw, axis=1) - jnp.abs(diag)
     by_rows = jnp.all(derivative * diag + jnp.abs(derivative) * off < margin)
 
-    def exact():
-        jac = derivative[:, :, None] * weight[None] - eye
-        jac = jac / jnp.reshape(tau, (-1, 1)) if jnp.ndim(tau) else jac / tau
-        return jnp.all(_spectral_abscissa(jac) < 0)
+    def one_pattern(d):
+        """Tests 2 and 3 for one pattern, so that only n×n matrices are live."""
+        m = d[:, None] * weight
 
-    def by_symmetric_part():
-        m = derivative[:, :, None] * weight[None]
-        chol = jnp.linalg.cholesky(margin * eye - 0.5 * (m + jnp.swapaxes(m, 1, 2)))
+        def exact():
+            jac = (m - eye) / jnp.reshape(tau, (-1, 1))  # diag(1/τ)(F' W − 1)
+            scale = jnp.max(jnp.sum(jnp.abs(jac), axis=1))  # ‖J‖∞
+            return _spectral_abscissa(jac) < -rounding * scale
+
+        chol = jnp.linalg.cholesky(margin * eye - 0.5 * (m + m.T))
         return jax.lax.cond(jnp.isfinite(chol).all(), lambda: jnp.array(True), exact)
 
-    return finite & jax.lax.cond(by_norm | by_rows, lambda: jnp.array(True), by_symmetric_part)
+    def per_pattern():
+        return jnp.all(jax.lax.map(one_pattern, derivative))
+
+    def by_norm():
+        slope = jnp.max(jnp.abs(derivative))
+        return jax.lax.cond(
+            _norm_times_slope_below(weight, slope, margin), lambda: jnp.array(True), per_pattern
+        )
+
+    return finite & jax.lax.cond(by_rows, lambda: jnp.array(True), by_norm)
 
 
 def _check_elementwise(activation: Callable, n: int) -> None:
@@ -512,29 +622,46 @@ def _check_elementwise(activation: Callable, n: int) -> None:
 
 _FORWARD_ERROR = (
     "CTRNN: the forward relaxation τ dX/dt = F(W X + b + I) − X did not reach a fixed "
-    "point (max_steps reached, an unstable solver, or no stable fixed point: W F' is not "
-    "contractive). Call ctrnn.solve(inputs, throw=False) to see the residual and the "
+    "point (max_steps reached, a NaN or inf, an unstable solver, or no stable fixed "
+    "point). The default FixedPointSolve() iterates X ← F(W X + b + I), which needs W F' "
+    "contractive; forward=Relaxation() converges wherever the fixed point is an "
+    "attractor. Call ctrnn.solve(inputs, throw=False) to see the residual and the "
     "spectral radius of W F'."
 )
 _ADJOINT_ERROR = (
     "CTRNN: the adjoint B − Wᵀ F'ᵀ B = −∂Cᵀ/∂X was not solved (max_steps reached, or the "
-    "spectral radius of W F' is not below 1 for a fixed-point adjoint; PinedaAdjoint() "
-    "or LinearSolveAdjoint() solve it whenever the fixed point is stable). Call "
-    "ctrnn.solve_adjoint(...) with throw=False to see its residual."
+    "spectral radius of W F' is not below 1 for the default FixedPointAdjoint(); "
+    "adjoint=PinedaAdjoint() or adjoint=LinearSolveAdjoint() solve it whenever the fixed "
+    "point is stable). Call ctrnn.solve_adjoint(...) with throw=False to see its residual."
 )
 _UNSTABLE_ERROR = (
     "CTRNN: X* solves X = F(W X + b + I) but is not an attractor of the relaxation "
-    "τ dX/dt = F(W X + b + I) − X (an eigenvalue of diag(1/τ)(F' W − 1) has real part "
-    "≥ 0): the network never settles there, so neither X* nor its implicit gradient "
-    "describes it. Start the relaxation elsewhere (x0) or make W F' stable; "
-    "ctrnn.solve(inputs, throw=False) reports `stable` and the spectral radius of W F'."
+    "τ dX/dt = F(W X + b + I) − X (an eigenvalue of J = diag(1/τ)(F' W − 1) has real part "
+    "≥ −√eps ‖J‖∞: unstable, or singular to within rounding): the network never settles "
+    "there, so neither X* nor its implicit gradient describes it. Start the relaxation "
+    "elsewhere (x0) or make W F' stable; ctrnn.solve(inputs, throw=False) reports "
+    "`stable` and the spectral radius of W F'."
 )
 
 
-def _checked(x: Array, ok: Array, stable: Array, method_error: str) -> Array:
-    """Raise (under jit too) if the method failed, or if X* is not an attractor."""
+def _outcome(finite: Array, solved: Array, stable: Array) -> RESULTS:
+    """The `RESULTS` item of a solve, first failure first: `nonfinite`, then
+    `max_steps_reached` (the strategy did not succeed), then `unstable`."""
+    checked = RESULTS.where(stable, RESULTS.successful, RESULTS.unstable)
+    return RESULTS.where(
+        finite, RESULTS.where(solved, checked, RESULTS.max_steps_reached), RESULTS.nonfinite
+    )
+
+
+def _checked(x: Array, result: RESULTS, method_error: str) -> Array:
+    """Raise (under jit too) unless `result` is successful: `method_error` if the
+    strategy failed, the stability error if X* is not an attractor."""
+    unstable = result == RESULTS.unstable
     return eqx.branched_error_if(
-        x, ~(ok & stable), jnp.where(ok, 1, 0), [method_error, _UNSTABLE_ERROR]
+        x,
+        result != RESULTS.successful,
+        jnp.where(unstable, 1, 0),
+        [method_error, _UNSTABLE_ERROR],
     )
 
 
@@ -572,9 +699,13 @@ class CTRNN(eqx.Module):
       a / |a|, is refused at construction, since the adjoint uses F' as a diagonal).
     - `weight`, `bias`: W (n, n) and b (n,) to use instead of a random initialisation.
     - `tau`: τ, a positive scalar or a positive (n,) diagonal (default 1.0).
-    - `forward`: `Relaxation()` (diffrax, default) or `FixedPointSolve()` (optimistix).
-    - `adjoint`: `PinedaAdjoint()` (diffrax, default), `FixedPointAdjoint()`
-      (optimistix) or `LinearSolveAdjoint()` (lineax).
+    - `forward`: `FixedPointSolve()` (optimistix, default: the fastest where W F' is a
+      contraction) or `Relaxation()` (the diffrax relaxation: converges wherever X* is an
+      attractor, at several times the cost).
+    - `adjoint`: `FixedPointAdjoint()` (optimistix, default), `PinedaAdjoint()` (Pineda's
+      backward network with diffrax: converges wherever X* is an attractor) or
+      `LinearSolveAdjoint()` (lineax). Unset tolerances follow the dtype of the solve
+      (`CTRNN.default_tol`: 1e-10 in float64, 1.2e-5 in float32).
     - `spectral_norm`: for the random initialisation, W is scaled to this largest
       singular value (default 0.5, a contraction for |F'| ≤ 1).
     - `dtype`: floating dtype for the random initialisation.
@@ -596,8 +727,8 @@ class CTRNN(eqx.Module):
         weight: Array | None = None,
         bias: Array | None = None,
         tau: float | Array = 1.0,
-        forward: AbstractRelaxation = Relaxation(),
-        adjoint: AbstractCTRNNAdjoint = PinedaAdjoint(),
+        forward: AbstractRelaxation = FixedPointSolve(),
+        adjoint: AbstractCTRNNAdjoint = FixedPointAdjoint(),
         spectral_norm: float = 0.5,
         dtype=None,
         key: PRNGKeyArray | None = None,
@@ -651,6 +782,13 @@ class CTRNN(eqx.Module):
         if not isinstance(self.activation, str):
             _check_elementwise(self.activation, n)
         self.forward, self.adjoint = forward, adjoint
+
+    @staticmethod
+    def default_tol(dtype) -> float:
+        """The tolerance of every solve left at its default, from its dtype:
+        max(1e-10, min(100 eps, √eps)), i.e. 1e-10 in float64 and 1.2e-5 in float32
+        (the rule and its measurement: `adjoint._ctrnn.default_tol`)."""
+        return default_tol(dtype)
 
     @property
     def _max_slope(self) -> float:
@@ -735,15 +873,17 @@ class CTRNN(eqx.Module):
         """
         inputs, x0, added = self._as_batch(inputs, x0)
         net = _stop_gradient(self)
-        x, steps, ok = net.forward.fixed_point(net, inputs, x0)
-        residual = _max_norm(net._map(x, inputs) - x)
-        ok = ok & jnp.isfinite(residual)
-        derivative = net._derivative(x, inputs)
-        rho = _spectral_radius(net.weight, derivative)
-        stable = _is_attractor(net.weight, derivative, net.tau)
+        x, steps, result, stable, derivative = _relax(net, inputs, x0)
         if throw:
-            x = _checked(x, ok, stable, _FORWARD_ERROR)
-        return CTRNNSolution(x[0] if added else x, residual, steps, rho, ok & stable, stable)
+            x = _checked(x, result, _FORWARD_ERROR)
+        return CTRNNSolution(
+            fixed_point=x[0] if added else x,
+            residual=_max_norm(net._map(x, inputs) - x),
+            num_steps=steps,
+            spectral_radius=_spectral_radius(net.weight, derivative),
+            result=result,
+            stable=stable,
+        )
 
     def solve_adjoint(
         self, fixed_point: Array, inputs: Array, cost_gradient: Array, *, throw: bool = True
@@ -759,32 +899,49 @@ class CTRNN(eqx.Module):
         if g.shape != x.shape:
             raise ValueError(f"CTRNN: cost_gradient must have shape {x.shape}, got {g.shape}")
         net = _stop_gradient(self)
-        lam, steps, ok, grads, input_grad = _adjoint(net, x, inputs, g)
+        lam, steps, result, grads, input_grad = _adjoint(net, x, inputs, g)
         derivative = net._derivative(x, inputs)
-        residual = _max_norm(lam - _adjoint_map(net.weight, derivative, lam) - g)
-        ok = ok & jnp.isfinite(residual)
         stable = _is_attractor(net.weight, derivative, net.tau)
+        result = RESULTS.where((result == RESULTS.successful) & ~stable, RESULTS.unstable, result)
         if throw:
-            lam = _checked(lam, ok, stable, _ADJOINT_ERROR)
+            lam = _checked(lam, result, _ADJOINT_ERROR)
         b = -lam
         y = -derivative * lam
         if added:
             b, y, input_grad = b[0], y[0], input_grad[0]
-        return AdjointSolution(b, y, grads, input_grad, residual, steps, ok & stable, stable)
+        return AdjointSolution(
+            costate=b,
+            y=y,
+            grads=grads,
+            input_grad=input_grad,
+            residual=_max_norm(lam - _adjoint_map(net.weight, derivative, lam) - g),
+            num_steps=steps,
+            result=result,
+            stable=stable,
+        )
+
+
+def _relax(net: CTRNN, inputs: Array, x0: Array):
+    """X* by the forward strategy, then its checks: `(X*, steps, result, stable, F')`."""
+    x, steps, solved = net.forward.fixed_point(net, inputs, x0)
+    derivative = net._derivative(x, inputs)
+    stable = _is_attractor(net.weight, derivative, net.tau)
+    return x, steps, _outcome(jnp.isfinite(x).all(), solved, stable), stable, derivative
 
 
 def _adjoint(net: CTRNN, x: Array, inputs: Array, g: Array):
     """λ − Wᵀ F' λ = g, then the gradients (cotangent convention λ = −B, F'λ = −Y)."""
     d = net._derivative(x, inputs)
-    lam, steps, ok = net.adjoint.solve(net.weight, d, g)
-    ok = ok & jnp.isfinite(lam).all()
+    lam, steps, solved = net.adjoint.solve(net.weight, d, g)
+    # the stability of X* is the forward pass's to check (it raised there if not)
+    result = _outcome(jnp.isfinite(lam).all(), solved, jnp.array(True))
     neg_y = d * lam  # = −Y
     grads = jtu.tree_map(jnp.zeros_like, eqx.filter(net, eqx.is_inexact_array))
     # each gradient in its control's own dtype (the solve runs in X*'s, maybe wider)
     d_weight = (neg_y.T @ x).astype(net.weight.dtype)
     d_bias = neg_y.sum(axis=0).astype(net.bias.dtype)
     grads = eqx.tree_at(lambda s: (s.weight, s.bias), grads, (d_weight, d_bias))
-    return lam, steps, ok, grads, neg_y
+    return lam, steps, result, grads, neg_y
 
 
 # --------------------------------------------------------------------------------------
@@ -793,10 +950,8 @@ def _adjoint(net: CTRNN, x: Array, inputs: Array, g: Array):
 
 
 def _forward_checked(net: CTRNN, inputs: Array, x0: Array) -> Array:
-    x, _, ok = net.forward.fixed_point(net, inputs, x0)
-    ok = ok & jnp.isfinite(x).all()
-    stable = _is_attractor(net.weight, net._derivative(x, inputs), net.tau)
-    return _checked(x, ok, stable, _FORWARD_ERROR)
+    x, _, result, _, _ = _relax(net, inputs, x0)
+    return _checked(x, result, _FORWARD_ERROR)
 
 
 @eqx.filter_custom_vjp
@@ -817,8 +972,8 @@ def _implicit_fixed_point_fwd(perturbed, vjp_arg, x0):
 def _implicit_fixed_point_bwd(x, g, perturbed, vjp_arg, x0):
     del x0
     net, inputs = vjp_arg
-    lam, _, ok, grads, neg_y = _adjoint(net, x, inputs, g.astype(x.dtype))
-    grads, neg_y = eqx.error_if((grads, neg_y), ~ok, _ADJOINT_ERROR)
+    lam, _, result, grads, neg_y = _adjoint(net, x, inputs, g.astype(x.dtype))
+    grads, neg_y = eqx.error_if((grads, neg_y), result != RESULTS.successful, _ADJOINT_ERROR)
     grads = jtu.tree_map(
         lambda p, gr: gr if p else None, perturbed[0], grads, is_leaf=lambda v: v is None
     )

@@ -4,14 +4,20 @@
 
 Problem (the issue's sizes): τ dX/dt = tanh(W X + b + I) − X, n = 256 units, a batch of
 64 patterns, float32, W scaled to spectral norm 0.5, C = Σ_p |D_p − X*_p|². Each method
-returns dC/d(W, b); we time `jax.jit(jax.grad(C))` (median of interleaved repeats after a
-warm-up, `block_until_ready`) and read XLA's compiled memory (temp bytes).
+returns dC/d(W, b); we time `jax.jit(jax.grad(C))` (interleaved repeats A B C … after a
+warm-up, `block_until_ready`; each ratio is the median over the rounds of the ratio of
+the two times in the same round) and read XLA's compiled memory (temp bytes). Every
+tolerance is `CTRNN.default_tol(float32)` = 100 eps = 1.2e-5, the library's default.
 
 - `unrolled T`: back-propagation through T steps of X ← tanh(W X + b + I) (`lax.scan`).
-- `implicit (fixed point)`: `adjoint.CTRNN` with `FixedPointSolve` + `FixedPointAdjoint`
-  (optimistix iterations X ← F(W X + b + I) and B ← Wᵀ F'ᵀ B − ∂Cᵀ/∂X on the batch,
-  rtol = atol = 1e-5): the lean implicit path.
-- `implicit (diffrax Pineda)`: the defaults, `Relaxation` + `PinedaAdjoint` (Tsit5).
+- `CTRNN() defaults`: `adjoint.CTRNN(weight=W, bias=b)` with nothing else set, i.e.
+  `FixedPointSolve()` + `FixedPointAdjoint()` at the dtype's default tolerance.
+- `implicit (fixed point)`: `FixedPointSolve` + `FixedPointAdjoint` with an explicit
+  `optx.FixedPointIteration` (optimistix iterations X ← F(W X + b + I) and
+  B ← Wᵀ F'ᵀ B − ∂Cᵀ/∂X on the batch): the lean implicit path, spelled out.
+- `implicit (diffrax Pineda)`: `Relaxation` + `PinedaAdjoint` (Tsit5), the named
+  options that converge wherever the fixed point is an attractor (the defaults until
+  issue 13).
 - `implicit (lineax LU)`: `FixedPointSolve` + `LinearSolveAdjoint()` (one n×n LU per pattern).
 - `optimistix whole batch`: `optx.fixed_point(..., adjoint=optx.ImplicitAdjoint(...))` on
   the (64, 256) batch; with its default linear solver the Jacobian is a (P n)² = 16384²
@@ -22,10 +28,13 @@ warm-up, `block_until_ready`) and read XLA's compiled memory (temp bytes).
   with `diffrax.ImplicitAdjoint()`, per pattern under `jax.vmap`.
 
 Targets (issue 5): memory flat in T and under 5 MB; time ≤ 0.15× unrolled at T = 200;
-≥ 5× faster than the vmapped optimistix path.
+≥ 5× faster than the vmapped optimistix path. Issue 13, for `CTRNN()` at its defaults:
+≤ 0.05× unrolled at T = 200 and ≥ 10× faster than optimistix vmapped.
 """
 
 import argparse
+import statistics
+import time
 
 import diffrax
 import jax
@@ -37,7 +46,7 @@ import adjoint as adj
 
 from ._common import (
     compiled_memory,
-    interleaved_medians,
+    interleaved_ratios,
     md_table,
     metadata,
     save_figure,
@@ -45,7 +54,7 @@ from ._common import (
 )
 
 
-TOL = 1e-5
+TOL = adj.CTRNN.default_tol(jnp.float32)  # every method stops where the defaults do
 
 
 def _problem(n, batch, key):
@@ -58,10 +67,13 @@ def _problem(n, batch, key):
     return (w, b), inputs, target
 
 
-def _ctrnn_cost(forward, adjoint):
+def _ctrnn_cost(forward=None, adjoint=None):
+    """C through `adjoint.CTRNN`, with the given strategies or (None) its defaults."""
+    strategies = {k: v for k, v in (("forward", forward), ("adjoint", adjoint)) if v is not None}
+
     def cost(params, inputs, target):
         w, b = params
-        net = adj.CTRNN(weight=w, bias=b, forward=forward, adjoint=adjoint)
+        net = adj.CTRNN(weight=w, bias=b, **strategies)
         return jnp.sum((target - net(inputs)) ** 2)
 
     return cost
@@ -127,6 +139,16 @@ def _diffrax_cost(params, inputs, target):
     return jnp.sum((target - jax.vmap(steady)(inputs)) ** 2)
 
 
+def _calls_per_timing(grad, args, quick: bool, target_s: float = 0.2) -> int:
+    """How many back-to-back calls of `grad` take about `target_s` (1 in quick runs)."""
+    if quick:
+        return 1
+    jax.block_until_ready(grad(*args))  # compiled
+    t0 = time.perf_counter()
+    jax.block_until_ready(grad(*args))
+    return max(1, round(target_s / (time.perf_counter() - t0)))
+
+
 def _rel_err(g, ref):
     return float(max(jnp.max(jnp.abs(a - r)) / jnp.max(jnp.abs(r)) for a, r in zip(g, ref)))
 
@@ -138,12 +160,13 @@ def run(quick: bool = False) -> dict:
     jax.config.update("jax_default_matmul_precision", "highest")
     n, batch = (64, 16) if quick else (256, 64)
     horizons = (50, 200, 1000)
-    repeats = 3 if quick else 7
+    repeats = 3 if quick else 30
     args = _problem(n, batch, jax.random.key(0))
     fp = optx.FixedPointIteration(rtol=TOL, atol=TOL)
     methods = {f"unrolled T={t}": _unrolled_cost(t) for t in horizons}
     methods.update(
         {
+            "CTRNN() defaults": _ctrnn_cost(),
             "implicit (fixed point)": _ctrnn_cost(
                 adj.FixedPointSolve(fp), adj.FixedPointAdjoint(fp)
             ),
@@ -176,17 +199,40 @@ def run(quick: bool = False) -> dict:
             "diffrax Pineda": compiled_memory(jax.jit(jax.grad(pineda_t)), *args)["temp_bytes"]
             / 2**20,
         }
-    times = interleaved_medians(
-        {name: (lambda g=g: g(*args)) for name, g in grads.items()}, repeats
-    )
+    # Each timed call runs a method `calls[name]` times back to back (≥ ~0.2 s), so that
+    # a 3 ms gradient is not timed within one scheduler slice of a busy machine; times
+    # and ratios below are per gradient.
+    calls = {name: _calls_per_timing(g, args, quick) for name, g in grads.items()}
+    pairs = {
+        **{name: (name, "unrolled T=200") for name in grads},
+        "optimistix vmapped / CTRNN() defaults": ("optimistix vmapped", "CTRNN() defaults"),
+    }
+    fns = {
+        name: (lambda g=g, k=calls[name]: [g(*args) for _ in range(k)]) for name, g in grads.items()
+    }
+    for f in fns.values():  # warm-up
+        jax.block_until_ready(f())
+    # one interleaved round per call, the order rotated from round to round, so that no
+    # method always runs just after the long unrolled T = 1000 (on a busy machine the
+    # position in the round biased the short times by up to 5×)
+    names = list(fns)
+    per_round = []
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        per_round.append(
+            interleaved_ratios({name: fns[name] for name in order}, 1, {}, warmup=0)["median_s"]
+        )
+    times = {name: statistics.median(t[name] for t in per_round) / calls[name] for name in names}
+    ratios = {
+        label: statistics.median(t[a] / calls[a] / (t[b] / calls[b]) for t in per_round)
+        for label, (a, b) in pairs.items()
+    }
     reference = grads["unrolled T=1000"](*args)
     errors = {name: _rel_err(g(*args), reference) for name, g in grads.items()}
 
-    # forward/adjoint step counts of the lean path (the certificate)
+    # forward/adjoint step counts of the defaults (the certificate)
     w, b = args[0]
-    lean = adj.CTRNN(
-        weight=w, bias=b, forward=adj.FixedPointSolve(fp), adjoint=adj.FixedPointAdjoint(fp)
-    )
+    lean = adj.CTRNN(weight=w, bias=b)
     sol = lean.solve(args[1])
     x = sol.fixed_point
     asol = lean.solve_adjoint(x, args[1], -2 * (args[2] - x))
@@ -208,11 +254,14 @@ def run(quick: bool = False) -> dict:
                 "method": name,
                 "median_s": t,
                 "ratio_to_unrolled_T200": None if t is None else t / t200,
+                "round_ratio_to_unrolled_T200": ratios.get(name),
                 "temp_MB": mem.get("temp_bytes", float("nan")) / 2**20,
                 "rel_err_vs_unrolled_T1000": errors.get(name),
             }
         )
     lean_t = times["implicit (fixed point)"]
+    defaults_ratio = ratios["CTRNN() defaults"]
+    defaults_speedup = ratios["optimistix vmapped / CTRNN() defaults"]
     lean_mem = memory["implicit (fixed point)"]["temp_bytes"] / 2**20
     unrolled_mem = [memory[f"unrolled T={t}"]["temp_bytes"] / 2**20 for t in horizons]
     targets = {
@@ -223,12 +272,18 @@ def run(quick: bool = False) -> dict:
         "ratio_to_unrolled_T200": lean_t / t200,
         "speedup_vs_optimistix_vmapped": times["optimistix vmapped"] / lean_t,
         "ge_5x_faster_than_optimistix_vmapped": times["optimistix vmapped"] / lean_t >= 5,
+        # issue 13, CTRNN() at its defaults; medians of the per-round ratios
+        "defaults_round_ratio_to_unrolled_T200": defaults_ratio,
+        "defaults_le_0.05x_unrolled_T200": defaults_ratio <= 0.05,
+        "defaults_round_speedup_vs_optimistix_vmapped": defaults_speedup,
+        "defaults_ge_10x_faster_than_optimistix_vmapped": defaults_speedup >= 10,
     }
     data = {
         "meta": metadata(),
         "quick": quick,
         "sizes": {"n": n, "batch": batch, "dtype": "float32", "spectral_norm": 0.5, "tol": TOL},
         "repeats": repeats,
+        "calls_per_round": calls,
         "rows": rows,
         "unrolled_temp_MB": dict(zip(map(str, horizons), unrolled_mem)),
         "implicit_temp_MB_by_max_steps": implicit_memory_by_T,
@@ -240,8 +295,11 @@ def run(quick: bool = False) -> dict:
         f"# CTRNN: implicit (Pineda–Almeida) gradient{' (quick)' if quick else ''}",
         "",
         f"{meta['date']} · {meta['device']} ({meta['cpu_count']} cores) · jax {meta['jax']} · "
-        f"n = {n}, batch = {batch}, float32, ‖W‖₂ = 0.5, tolerances {TOL:g} · "
-        f"median of {repeats} interleaved repeats of jit(grad(C)).",
+        f"n = {n}, batch = {batch}, float32, ‖W‖₂ = 0.5, tolerances {TOL:.3g} "
+        f"(`CTRNN.default_tol(float32)`) · {repeats} interleaved rounds of jit(grad(C)), "
+        "in an order rotated from round to round, each method called back to back for "
+        "≥ 0.2 s per round (not in --quick); "
+        "× unrolled: the median over the rounds of the ratio of the two per-call times.",
         "",
         md_table(
             ["method", "median (ms)", "× unrolled T=200", "XLA temp (MB)", "rel. err vs T=1000"],
@@ -249,7 +307,9 @@ def run(quick: bool = False) -> dict:
                 [
                     r["method"],
                     "not run" if r["median_s"] is None else r["median_s"] * 1e3,
-                    "—" if r["ratio_to_unrolled_T200"] is None else r["ratio_to_unrolled_T200"],
+                    "—"
+                    if r["round_ratio_to_unrolled_T200"] is None
+                    else r["round_ratio_to_unrolled_T200"],
                     r["temp_MB"],
                     "—"
                     if r["rel_err_vs_unrolled_T1000"] is None
@@ -266,7 +326,7 @@ def run(quick: bool = False) -> dict:
             for (t, m), u in zip(implicit_memory_by_T.items(), unrolled_mem)
         ),
         "",
-        "Certificate of the lean path: "
+        "Certificate of `CTRNN()` at its defaults: "
         + ", ".join(f"{k} = {v:.3g}" for k, v in certificate.items()),
         "",
         "Targets: "

@@ -133,8 +133,14 @@ def test_vmap_jit_and_float32(getkey):
     assert jnp.allclose(gv[0], g, atol=1e-12)
     g_of_vmap = eqx.filter_grad(lambda n: jnp.sum((target - jax.vmap(n)(inputs)) ** 2))(net).weight
     assert jnp.allclose(g_of_vmap, g, atol=1e-12)
-    # float32 with the default strategies (Relaxation, PinedaAdjoint).
-    net32 = adj.CTRNN(weight=net.weight.astype(jnp.float32), bias=net.bias.astype(jnp.float32))
+    # float32 with the diffrax strategies (Relaxation, PinedaAdjoint; the defaults until
+    # the fixed-point iterations became the default), at float32's default tolerances.
+    net32 = adj.CTRNN(
+        weight=net.weight.astype(jnp.float32),
+        bias=net.bias.astype(jnp.float32),
+        forward=adj.Relaxation(),
+        adjoint=adj.PinedaAdjoint(),
+    )
     assert net32.weight.dtype == jnp.float32 and net32.tau.dtype == jnp.float32
     g32 = eqx.filter_jit(_grads)(_cost, net32, inputs.astype("f4"), target.astype("f4"))
     assert g32[0].weight.dtype == jnp.float32 and g32[1].dtype == jnp.float32
@@ -153,6 +159,7 @@ def test_forward_non_convergence_raises():
         net = _limit_cycle_net(forward=forward)
         sol = net.solve(inputs, throw=False)
         assert not bool(sol.converged) and float(sol.residual) > 1e-2
+        assert sol.result == adj.RESULTS.max_steps_reached
         with pytest.raises(eqx.EquinoxRuntimeError, match="did not reach a fixed point"):
             eqx.filter_jit(net)(inputs).block_until_ready()
     # and through jax.grad: the forward of the custom VJP raises, no gradient is returned
@@ -314,3 +321,80 @@ def test_mixed_dtypes_gradients_in_each_control_dtype(getkey):
     assert tree_max_rel_error(g.weight.astype("f4"), ref.weight) < 1e-2
     # and the random initialisation works in float16 (its spectral norm is taken wider)
     assert adj.CTRNN(3, key=getkey(), dtype=jnp.float16).weight.dtype == jnp.float16
+
+
+def _numpy_fixed_point(weight, bias, inputs):
+    """X* = tanh(W X* + b + I) by the plain iteration in NumPy float64, to rounding: an
+    independent reference."""
+    weight, bias, inputs = (np.asarray(a, np.float64) for a in (weight, bias, inputs))
+    x = np.zeros_like(inputs)
+    for _ in range(2000):
+        x, previous = np.tanh(x @ weight.T + bias + inputs), x
+        if np.max(np.abs(x - previous)) == 0:
+            break
+    return x
+
+
+def test_defaults_are_the_iterations_at_the_dtypes_tolerance(getkey):
+    """`CTRNN()` iterates X ← F(W X + b + I) and B ← Wᵀ F'ᵀ B − ∂Cᵀ/∂X to
+    `default_tol(dtype)`: the float64 fixed point to 1e-10 (the old default, 1e-6 in
+    every dtype, left it ~1e-7 off), its gradient that of the unrolled relaxation and of
+    finite differences, and float32 to its own tolerance."""
+    assert adj.CTRNN.default_tol(jnp.float64) == 1e-10
+    assert adj.CTRNN.default_tol(jnp.float32) == pytest.approx(100 * np.finfo(np.float32).eps)
+    net = adj.CTRNN(6, key=getkey(), spectral_norm=0.9)
+    assert isinstance(net.forward, adj.FixedPointSolve)
+    assert isinstance(net.adjoint, adj.FixedPointAdjoint)
+    inputs = jax.random.normal(getkey(), (4, 6))
+    target = 0.5 * jax.random.normal(getkey(), (4, 6))
+    reference = _numpy_fixed_point(net.weight, net.bias, inputs)
+    solve = eqx.filter_jit(lambda n, i: n.solve(i, throw=False))
+    for dtype, tol in ((jnp.float64, 1e-10), (jnp.float32, 3e-5)):
+        cast = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, net)
+        sol = solve(cast, inputs.astype(dtype))
+        x = sol.fixed_point
+        assert x.dtype == dtype and sol.result == adj.RESULTS.successful and bool(sol.converged)
+        assert float(jnp.max(jnp.abs(jnp.tanh(x @ cast.weight.T + cast.bias + inputs) - x))) < tol
+        assert float(np.max(np.abs(np.asarray(x, np.float64) - reference))) < tol
+    assert int(sol.num_steps) < int(solve(net, inputs).num_steps)  # float32 stops sooner
+    grads = eqx.filter_jit(_grads)(_cost, net, inputs, target)[0]
+    unrolled = _grads(_unrolled_cost, net, inputs, target)[0]
+    assert tree_max_rel_error(grads.weight, unrolled.weight) < 1e-8
+    assert tree_max_rel_error(grads.bias, unrolled.bias) < 1e-8
+    # central differences of C = Σ_p |D_p − X*_p|² along a random (δW, δb), in NumPy
+    dw, db = jax.random.normal(getkey(), (6, 6)), jax.random.normal(getkey(), (6,))
+    eps = 1e-6
+
+    def cost(sign):
+        x = _numpy_fixed_point(net.weight + sign * eps * dw, net.bias + sign * eps * db, inputs)
+        return np.sum((np.asarray(target) - x) ** 2)
+
+    fd = (cost(1) - cost(-1)) / (2 * eps)
+    ours = float(jnp.vdot(grads.weight, dw) + jnp.vdot(grads.bias, db))
+    assert abs(ours - fd) < 1e-7 * max(1.0, abs(fd))
+
+
+def test_singular_or_unconverged_fixed_point_gives_no_gradient():
+    """With the defaults, F = identity (F' = 1), so the Jacobian of the relaxation is
+    J = W − 1. No record says `converged` and no gradient comes out when J is singular
+    (also to within rounding), the iteration does not converge, or X* is not finite."""
+    solve = eqx.filter_jit(lambda n, i: n.solve(i, throw=False))
+    grad = eqx.filter_jit(eqx.filter_grad(lambda n, i: jnp.sum((n(i) - 0.3) ** 2)))
+    inputs = jnp.array([[0.0, 0.3]])
+    cases = [
+        # X* = (0, 0.6) exactly; J = diag(0, −0.5) singular: 1 − W F' has no inverse
+        (jnp.diag(jnp.array([1.0, 0.5])), inputs, adj.RESULTS.unstable, "not an attractor"),
+        # J = diag(−1e-12, −0.5): stable on paper, singular to rounding (dC/dX* ~ 1e12)
+        (jnp.diag(jnp.array([1 - 1e-12, 0.5])), inputs, adj.RESULTS.unstable, "not an attractor"),
+        # W a rotation by 90°: X* = (1 − W)⁻¹ I is an attractor (J = W − 1 has eigenvalues
+        # −1 ± i) but X ← W X + I cycles with period 4 (ρ(W) = 1): max_steps
+        (jnp.array([[0.0, 1.0], [-1.0, 0.0]]), inputs, adj.RESULTS.max_steps_reached, "did not"),
+        (0.5 * jnp.eye(2), inputs.at[0, 0].set(jnp.nan), adj.RESULTS.nonfinite, "did not"),
+    ]
+    for w, i, result, message in cases:
+        net = adj.CTRNN(activation="identity", weight=w)
+        sol = solve(net, i)
+        assert sol.result == result and not bool(sol.converged)
+        assert bool(sol.stable) == (result != adj.RESULTS.unstable)
+        with pytest.raises(eqx.EquinoxRuntimeError, match=message):
+            grad(net, i).weight.block_until_ready()
