@@ -10,6 +10,14 @@ from ._checkpoint import (
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
 )
+from ._continuous import (
+    CostateComparison as CostateComparison,
+    CostateODESolution as CostateODESolution,
+    compare_costate_gradients as compare_costate_gradients,
+    costate_ode as costate_ode,
+    diffrax_gradient as diffrax_gradient,
+    trajectory_cost as trajectory_cost,
+)
 from ._ctrnn import (
     CTRNN as CTRNN,
     AbstractCTRNNAdjoint as AbstractCTRNNAdjoint,
@@ -24,6 +32,7 @@ from ._ctrnn import (
     Relaxation as Relaxation,
     continuous_learning as continuous_learning,
 )
+from ._data_parallel import DataParallel as DataParallel
 from ._fit import FitResult as FitResult, NonFiniteLossError as NonFiniteLossError, fit as fit
 from ._lagrangian import (
     CostateRecord as CostateRecord,
@@ -35,29 +44,21 @@ from ._lagrangian import (
 )
 from ._multistage import (
     AbstractAdjoint as AbstractAdjoint,
+    AbstractCostateAdjoint as AbstractCostateAdjoint,
     AutodiffAdjoint as AutodiffAdjoint,
     CostateAdjoint as CostateAdjoint,
     Multistage as Multistage,
 )
-from ._pontryagin import (
-    CostateComparison as CostateComparison,
-    CostateODESolution as CostateODESolution,
-    compare_costate_gradients as compare_costate_gradients,
-    costate_ode as costate_ode,
-    diffrax_gradient as diffrax_gradient,
-    trajectory_cost as trajectory_cost,
-)
+from ._parallel_costates import ParallelCostates as ParallelCostates
 from ._recurrent import (
     AbstractCell as AbstractCell,
+    CellStep as CellStep,
     ElmanCell as ElmanCell,
     RecurrentNet as RecurrentNet,
-    Residual as Residual,
-    Skip as Skip,
     UnfoldedStep as UnfoldedStep,
-    skip_network as skip_network,
-    skip_states as skip_states,
 )
-from ._sharding import DataParallel as DataParallel
+from ._results import RESULTS as RESULTS
+from ._reversible import Reversible as Reversible, ReversibleAdjoint as ReversibleAdjoint
 from ._sharing import (
     AbstractTransformedDense as AbstractTransformedDense,
     Conv as Conv,
@@ -71,6 +72,12 @@ from ._sharing import (
     tie_index as tie_index,
     tie_multipliers as tie_multipliers,
 )
+from ._skip import (
+    Residual as Residual,
+    Skip as Skip,
+    skip_network as skip_network,
+    skip_states as skip_states,
+)
 from ._stage import AbstractStage as AbstractStage, Dense as Dense
 
 
@@ -80,6 +87,7 @@ __all__ = [
     "datasets",
     "AbstractAdjoint",
     "AbstractCTRNNAdjoint",
+    "AbstractCostateAdjoint",
     "AbstractCell",
     "AbstractRelaxation",
     "AbstractStage",
@@ -88,6 +96,7 @@ __all__ = [
     "AutodiffAdjoint",
     "CTRNN",
     "CTRNNSolution",
+    "CellStep",
     "Checkpoint",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -109,10 +118,14 @@ __all__ = [
     "LinearSolveAdjoint",
     "Multistage",
     "NonFiniteLossError",
+    "ParallelCostates",
     "PinedaAdjoint",
+    "RESULTS",
     "RecurrentNet",
     "Relaxation",
     "Residual",
+    "Reversible",
+    "ReversibleAdjoint",
     "SharedDense",
     "Skip",
     "TieMultipliers",

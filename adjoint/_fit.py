@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, no_type_check
 
 import equinox as eqx
 import jax
@@ -37,7 +37,8 @@ from ._checkpoint import (
     save_checkpoint,
     scan_checkpoints,
 )
-from ._sharding import DataParallel
+from ._data_parallel import DataParallel
+from ._results import RESULTS
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,26 +50,39 @@ class FitResult(eqx.Module):
 
     - `model`: the trained model (controls W after the last good step).
     - `opt_state`: the optimiser state at that step.
-    - `step`: the number of optimiser steps taken in total (including resumed ones).
+    - `num_steps`: the number of optimiser steps taken in total (including resumed ones).
     - `key`: the RNG key that drives the minibatch order.
     - `history`: `{"step": int array, "loss": array}` — the minibatch loss at every step
       (evaluated before that step's update) — plus `"eval_step"` and one array per
       metric returned by `eval_fn`, `"eval_<name>"` (or `"eval"` for a scalar).
     - `resumed_from`: the checkpoint step training resumed from, or None.
     - `checkpoint`: the path of the newest checkpoint written or read, or None.
-    - `stop_reason`: `"finished"` or `"non-finite loss"` (with `throw=False`; then
-      `model` is the state at `step`, and `history` also holds the finite losses of the
-      failed chunk, up to the first non-finite one).
+    - `result`: `RESULTS.successful`, or `RESULTS.nonfinite` when the loss became
+      non-finite (with `throw=False`; then `model` is the state at `num_steps`, and
+      `history` also holds the finite losses of the failed chunk, up to the first
+      non-finite one).
     """
 
     model: PyTree
     opt_state: PyTree
-    step: int
+    num_steps: int
     key: PRNGKeyArray
     history: dict
     resumed_from: int | None
     checkpoint: str | None
-    stop_reason: str
+    result: RESULTS
+
+    @property
+    def step(self) -> int:
+        """Deprecated name of `num_steps` (removed in the next release)."""
+        warnings.warn("FitResult.step is deprecated: use num_steps", DeprecationWarning, 2)
+        return self.num_steps
+
+    @property
+    def stop_reason(self) -> str:
+        """Deprecated: `"finished"` or `"non-finite loss"`; read `result` instead."""
+        warnings.warn("FitResult.stop_reason is deprecated: use result", DeprecationWarning, 2)
+        return "finished" if self.result == RESULTS.successful else "non-finite loss"
 
 
 def _n_patterns(data: PyTree) -> int:
@@ -267,6 +281,7 @@ class _Permutations:
         return perms
 
 
+@no_type_check  # checks its own arguments, naming the one at fault
 def fit(
     model: PyTree,
     loss: Callable[[PyTree, PyTree], Scalar],
@@ -325,7 +340,7 @@ def fit(
       optimiser state replicated; XLA sums the gradients across devices).
     - `opt_state`: an optimiser state to start from (default `optimizer.init`).
     - `throw`: if the loss becomes non-finite, raise `NonFiniteLossError` (default) or,
-      if False, stop and return the last good state with `stop_reason="non-finite loss"`.
+      if False, stop and return the last good state with `result=RESULTS.nonfinite`.
       Either way no checkpoint is written for the bad state.
 
     **Returns:** a `FitResult`.
@@ -467,7 +482,7 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=step, desc="fit", unit="step", dynamic_ncols=True)
-    stop_reason = "finished"
+    result = RESULTS.successful
     since_log: list[float] = []
     try:
         while step < steps:
@@ -495,7 +510,7 @@ def fit(
                 if throw:
                     raise NonFiniteLossError(msg)
                 warnings.warn(msg, stacklevel=2)
-                stop_reason = "non-finite loss"
+                result = RESULTS.nonfinite
                 break
             params, opt_state = new_params, new_opt_state
             raw_history["step"].extend(range(step + 1, end + 1))
@@ -539,10 +554,10 @@ def fit(
     return FitResult(
         model=eqx.combine(params, static),
         opt_state=opt_state,
-        step=step,
+        num_steps=step,
         key=key,
         history=_finish_history(raw_history),
         resumed_from=resumed_from,
         checkpoint=ckpt_path,
-        stop_reason=stop_reason,
+        result=result,
     )

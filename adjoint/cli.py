@@ -393,7 +393,7 @@ def _cmd_demo(args) -> int:
     _, data, result = _train(
         args, task, dtype, devices, steps=args.steps, checkpoint_dir=None, checkpoint_every=None
     )
-    print(f"trained {result.step} steps in {time.perf_counter() - t0:.1f} s")
+    print(f"trained {result.num_steps} steps in {time.perf_counter() - t0:.1f} s")
 
     x, d = data
     check = adjoint.check_gradients(result.model, x, lambda states: jnp.sum((d - states[-1]) ** 2))
@@ -461,7 +461,7 @@ def _cmd_train(args) -> int:
         ) from None
     if result.resumed_from is not None:
         print(f"(resumed from the checkpoint at step {result.resumed_from})")
-    print(f"done: {result.step} steps in {time.perf_counter() - t0:.1f} s")
+    print(f"done: {result.num_steps} steps in {time.perf_counter() - t0:.1f} s")
     path = os.path.join(args.out, "loss.png")
     _plot(result.history, path, f"adjoint train {task.name}")
     hist = {k: v.tolist() for k, v in result.history.items()}

@@ -61,7 +61,7 @@ def test_fit_matches_hand_written_loop_minibatch(getkey):
     opt = optax.adam(1e-2)
     res = adjoint.fit(model, _mse, data, opt, steps=13, batch_size=8, key=key, progress=False)
     ref, ref_losses = _hand_loop(model, data, opt, 13, 8, key)
-    assert res.step == 13 and res.stop_reason == "finished"
+    assert res.num_steps == 13 and res.result == adjoint.RESULTS.successful
     assert tree_max_rel_error(_controls(res.model), _controls(ref)) < 1e-12
     np.testing.assert_allclose(res.history["loss"], ref_losses, rtol=1e-12)
     np.testing.assert_array_equal(res.history["step"], np.arange(1, 14))
@@ -150,7 +150,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, getkey):
 
     with pytest.warns(UserWarning, match="non-finite"):
         res = adjoint.fit(model, _sqrt_loss, data, optax.sgd(0.1), throw=False, **kw)
-    assert res.stop_reason == "non-finite loss" and res.step == 6
+    assert res.result == adjoint.RESULTS.nonfinite and res.num_steps == 6
+    with pytest.warns(DeprecationWarning):
+        assert res.stop_reason == "non-finite loss" and res.step == 6  # old names
     assert np.isfinite(res.model.w) and len(res.history["loss"]) == 6
 
 

@@ -77,7 +77,7 @@ WORKER = textwrap.dedent(
     res = adjoint.fit(model, loss, data, opt, **kw, parallel=adjoint.DataParallel(),
                       checkpoint_dir=ckdir, log=log)
     leaves = jax.tree.leaves(host_tree(eqx.filter(res.model, eqx.is_inexact_array)))
-    np.savez(out, loss=res.history["loss"], step=res.step,
+    np.savez(out, loss=res.history["loss"], step=res.num_steps,
              resumed_from=-1 if res.resumed_from is None else res.resumed_from,
              *[np.asarray(x) for x in leaves])
     """

@@ -54,6 +54,7 @@ from ._base import (
     target_of,
 )
 from ._ilqr import ILQR
+from ._implicit import implicit_solution
 from ._problem import ControlProblem
 
 
@@ -538,22 +539,16 @@ class AugmentedLagrangian(AbstractMethod):
 
 
 # ----------------------------------------------------------------------- derivatives
-@eqx.filter_custom_jvp
 def attach(problem: ControlProblem, solution, active: ActiveSet):
-    """The identity on `solution = (u, y)`, whose JVP with respect to `problem` is the
-    implicit derivative at the KKT point with the active set held: the Newton matrix of
+    """`solution = (u, y)` as a function of `problem`, whose derivative is the implicit
+    derivative at the KKT point with the active set held: the Newton matrix of
     `newton_matrix` applied to the θ-derivative of (∇_u L, c_A), with the held controls
-    moving with their bound. Higher orders re-enter `attach`."""
-    return solution
+    moving with their bound (the rule of `_implicit.implicit_solution`)."""
+    return implicit_solution(problem, solution, active, _newton_tangent)
 
 
-@attach.def_jvp
-def _attach_jvp(primals, tangents):
-    problem, solution, active = primals
-    t_problem = tangents[0]
-    if t_problem is None:
-        t_problem = jax.tree_util.tree_map(lambda _: None, problem)
-    u, y = attach(problem, solution, active)
+def _newton_tangent(problem: ControlProblem, t_problem, solution, active: ActiveSet):
+    u, y = solution
     shape = u.shape
 
     def pieces(prob):
@@ -575,5 +570,4 @@ def _attach_jvp(primals, tangents):
     held = (active.lower | active.upper).reshape(-1)
     rhs = jnp.concatenate([jnp.where(held, bound_dot, -t_grad), jnp.where(active.rows, -t_c, 0)])
     step = jnp.linalg.solve(M, rhs)
-    du, dy = step[: u.size].reshape(shape), step[u.size :]
-    return solution, (du, dy)
+    return step[: u.size].reshape(shape), step[u.size :]

@@ -209,23 +209,40 @@ def lq_solve(lin: KKTLinearisation, c, q, r, d):
 
 
 @eqx.filter_custom_jvp
-def attach(problem: ControlProblem, solution, free, lower):
-    """The identity on `solution = (u, X, λ, C)` (stacked X, λ), whose JVP with respect to
-    `problem` is the implicit derivative of the module docstring, with the active set
-    (`free`, `lower`) held fixed. `solution` is treated as a constant (it was computed
-    without derivatives); the JVP rule uses `attach` again, so derivatives of any order
-    see the solution move with the problem."""
+def implicit_solution(problem: ControlProblem, solution, active, tangent):
+    """The identity on a solve's `solution`, whose JVP with respect to `problem` is
+    `tangent(problem, t_problem, solution, active)`: the implicit derivative of the KKT
+    conditions at the solution with its active set `active` held fixed. The package's
+    one hand-written derivative rule for control solves; `tangent` solves the linearised
+    KKT system with the structure at hand (`attach`: Riccati, the unconstrained and
+    box-constrained case; `_constraints.attach`: the Newton matrix of general
+    constraints). `solution` is treated as a constant (it was computed without
+    derivatives); `tangent` receives it through `implicit_solution` again, so
+    derivatives of any order see the solution move with the problem."""
+    del active, tangent
     return solution
 
 
-@attach.def_jvp
-def _attach_jvp(primals, tangents):
-    problem, solution, free, lower = primals
+@implicit_solution.def_jvp
+def _implicit_solution_jvp(primals, tangents):
+    problem, solution, active, tangent = primals
     t_problem = tangents[0]
     if t_problem is None:
         t_problem = jax.tree_util.tree_map(lambda _: None, problem)
-    # the solution as a function of the problem (for higher-order derivatives)
-    u, X, lam, _ = attach(problem, solution, free, lower)
+    moving = implicit_solution(problem, solution, active, tangent)
+    return solution, tangent(problem, t_problem, moving, active)
+
+
+def attach(problem: ControlProblem, solution, free, lower):
+    """`solution = (u, X, λ, C)` (stacked X, λ) as a function of `problem` whose
+    derivative is the implicit derivative of the module docstring, with the active set
+    (`free`, `lower`) held fixed."""
+    return implicit_solution(problem, solution, (free, lower), _riccati_tangent)
+
+
+def _riccati_tangent(problem: ControlProblem, t_problem, solution, active):
+    free, lower = active
+    u, X, lam, _ = solution
     lin = linearise(problem, X, u, lam, free=free, lower=lower)
 
     def r_of(prob):
@@ -246,4 +263,4 @@ def _attach_jvp(primals, tangents):
     dx, du, dlam = lq_solve(lin, -t_dyn, -t_cost, t_u, d)
     # envelope theorem: Ċ = ∂L/∂θ·θ̇, the bound multipliers being H_u on active controls
     dC = t_L + jnp.sum(jnp.where(free, 0, Hu) * d)
-    return solution, (du, dx, dlam, dC)
+    return du, dx, dlam, dC
