@@ -36,7 +36,7 @@ from ._multistage import (
 
 
 def _check_scalar(cost: Callable, states) -> None:
-    out = jax.eval_shape(cost, states)
+    out = eqx.filter_eval_shape(cost, states)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(

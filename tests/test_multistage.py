@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import adjoint as aj
+import adjoint.control  # noqa: F401  (aj.control)
 
 from .helpers import assert_tree_allclose, directional_fd, random_like, tree_vdot
 
@@ -103,7 +104,30 @@ SYSTEMS = {
         (1, 6, 4),
         (1, 6, 4),
     ),
+    # an optimal-control problem is the same stacked system over its dynamics, with the
+    # running cost carried as one more state (the controls u(k) are its weights)
+    "control": lambda key: (
+        control_system(key),
+        (6, 3),
+        (6, 3),
+    ),
 }
+
+
+def _pendulum_dynamics(x, u, k):  # one explicit Euler step of a damped pendulum
+    return x + 0.1 * jnp.stack([x[1], -jnp.sin(x[0]) - 0.1 * x[1] + u[0]])
+
+
+def control_system(key, horizon=4):
+    problem = aj.control.ControlProblem(
+        _pendulum_dynamics,
+        lambda x, u, k: jnp.sum(x**2) + 0.1 * jnp.sum(u**2),
+        lambda x: jnp.sum(x**2),
+        jnp.zeros(2),
+        horizon,
+        control_size=1,
+    )
+    return problem.system(jax.random.normal(key, (horizon, 1)))
 
 
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
