@@ -7,6 +7,8 @@ by name (the `adjoint control NAME` command uses it). Known answers:
   u(k) = −K(k) X(k) and the costates are B(k) = −2 P(k) X(k) (`riccati`).
 - `pendulum`, `cartpole`: swing-up from hanging down (θ = 0) to upright (θ = π) with a
   torque / force limit; the answer is qualitative (the final state is upright).
+- `acrobot`: Spong's acrobot (two links, torque at the elbow only) swung up from hanging
+  down; its vector field conserves `acrobot_energy` without torque (checked).
 - `double_integrator`: p'' = u with |u| ≤ 1 and a terminal cost only; H is linear in u,
   so the optimum is bang-bang: u(k) = −sign σ(k) with the switching function
   σ(k) = −B(k+1)ᵀ ∂f/∂u, affine in k, hence at most one switch (`switching_function`).
@@ -179,6 +181,96 @@ def cartpole(
 
     def terminal_cost(x):
         return 50.0 * (x[0] ** 2 + (x[1] - jnp.pi) ** 2) + 5.0 * (x[2] ** 2 + x[3] ** 2)
+
+    return _symmetric_box(dynamics, running_cost, terminal_cost, x0, horizon, u_max, dtype)
+
+
+# Spong's acrobot, Tedrake's parameters: two 1 kg links of length l1 = 1 m, l2 = 2 m,
+# centres of mass at lc1 = 0.5 m, lc2 = 1 m, inertias about them I1 = 1/12, I2 = 1/3 kg m².
+_ACROBOT = dict(m1=1.0, m2=1.0, l1=1.0, lc1=0.5, lc2=1.0, I1=1.0 / 12, I2=1.0 / 3, g=9.81)
+
+
+def _acrobot_mass_matrix(q2):
+    p = _ACROBOT
+    a = p["m2"] * p["l1"] * p["lc2"] * jnp.cos(q2)
+    I1 = p["I1"] + p["m1"] * p["lc1"] ** 2  # about the shoulder
+    I2 = p["I2"] + p["m2"] * p["lc2"] ** 2  # about the elbow
+    m11 = I1 + I2 + p["m2"] * p["l1"] ** 2 + 2 * a
+    return (m11, I2 + a), (I2 + a, I2 + jnp.zeros_like(a))
+
+
+def acrobot_vector_field(x, u):
+    """Spong's acrobot, q = (q1, q2): q1 the shoulder angle from hanging down, q2 the
+    elbow angle relative to the first link, the torque u at the elbow only:
+
+        M(q) q̈ + C(q, q̇) q̇ = τ_g(q) + (0, 1)ᵀ u,
+        M = [[I₁ + I₂ + m₂l₁² + 2m₂l₁l_c₂ cos q₂,  I₂ + m₂l₁l_c₂ cos q₂],
+             [I₂ + m₂l₁l_c₂ cos q₂,                I₂]]            (I about the joints)
+        C q̇ = m₂l₁l_c₂ sin q₂ (−2q̇₁q̇₂ − q̇₂², q̇₁²),
+        τ_g = −g (m₁l_c₁ sin q₁ + m₂(l₁ sin q₁ + l_c₂ sin(q₁+q₂)),  m₂l_c₂ sin(q₁+q₂)).
+
+    **Returns:** ẋ = (q̇, q̈) for x = (q1, q2, q̇1, q̇2).
+    """
+    p = _ACROBOT
+    q1, q2, dq1, dq2 = x[0], x[1], x[2], x[3]
+    h = p["m2"] * p["l1"] * p["lc2"] * jnp.sin(q2)
+    coriolis = jnp.stack([-2 * h * dq1 * dq2 - h * dq2**2, h * dq1**2])
+    s12 = jnp.sin(q1 + q2)
+    gravity = -p["g"] * jnp.stack(
+        [
+            p["m1"] * p["lc1"] * jnp.sin(q1) + p["m2"] * (p["l1"] * jnp.sin(q1) + p["lc2"] * s12),
+            p["m2"] * p["lc2"] * s12,
+        ]
+    )
+    torque = jnp.stack([jnp.zeros_like(u[0]), u[0]])
+    (m11, m12), (_, m22) = _acrobot_mass_matrix(q2)
+    rhs = gravity - coriolis + torque
+    det = m11 * m22 - m12**2  # M is symmetric positive definite: Cramer's rule
+    ddq = jnp.stack([m22 * rhs[0] - m12 * rhs[1], m11 * rhs[1] - m12 * rhs[0]]) / det
+    return jnp.concatenate([jnp.stack([dq1, dq2]), ddq])
+
+
+def acrobot_energy(x):
+    """E = ½ q̇ᵀ M(q) q̇ − g (m₁l_c₁ cos q₁ + m₂(l₁ cos q₁ + l_c₂ cos(q₁+q₂))): constant
+    along `acrobot_vector_field` without torque, dE/dt = q̇₂ u with it."""
+    p = _ACROBOT
+    q1, q2, dq = x[0], x[1], x[2:]
+    M = jnp.stack([jnp.stack(row) for row in _acrobot_mass_matrix(q2)])
+    kinetic = 0.5 * dq @ M @ dq
+    height = p["m1"] * p["lc1"] * jnp.cos(q1) + p["m2"] * (
+        p["l1"] * jnp.cos(q1) + p["lc2"] * jnp.cos(q1 + q2)
+    )
+    return kinetic - p["g"] * height
+
+
+def acrobot(
+    horizon: int = 50,
+    duration: float = 3.0,
+    u_max: float | None = None,
+    x0=(0.0, 0.0, 0.0, 0.0),
+    *,
+    dtype=None,
+) -> ControlProblem:
+    """Acrobot swing-up from hanging down (q = 0) to upright (q1 = π, q2 = 0), torque at
+    the elbow only (`acrobot_vector_field`), semi-implicit Euler with Δt = duration / N:
+
+        q̇(k+1) = q̇ + Δt q̈(q, q̇, u),   q(k+1) = q + Δt q̇(k+1)
+        ℓ = 0.01 Δt u²,   φ = 100 ((q1 − π)² + q2²) + 10 |q̇|²
+
+    4 states, 1 control, underactuated; |u| ≤ u_max when it is given.
+    """
+    dtype = _dtype(dtype)
+    dt = duration / horizon
+
+    def dynamics(x, u, k):
+        dq = x[2:] + dt * acrobot_vector_field(x, u)[2:]
+        return jnp.concatenate([x[:2] + dt * dq, dq])
+
+    def running_cost(x, u, k):
+        return 0.01 * dt * u[0] ** 2
+
+    def terminal_cost(x):
+        return 100.0 * ((x[0] - jnp.pi) ** 2 + x[1] ** 2) + 10.0 * (x[2] ** 2 + x[3] ** 2)
 
     return _symmetric_box(dynamics, running_cost, terminal_cost, x0, horizon, u_max, dtype)
 
@@ -422,6 +514,7 @@ PROBLEMS: dict[str, Callable[..., ControlProblem]] = {
     "lqr": lqr,
     "pendulum": pendulum,
     "cartpole": cartpole,
+    "acrobot": acrobot,
     "double_integrator": double_integrator,
     "zermelo": zermelo,
     "goal_double_integrator": goal_double_integrator,

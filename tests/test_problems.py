@@ -97,3 +97,39 @@ def test_cli_pendulum_swing_up(tmp_path):
     assert json.loads((tmp_path / "pendulum.json").read_text())["cost"] == summary["cost"]
     with pytest.raises(SystemExit):
         parser.parse_args(["control", "moon"])
+
+
+def test_acrobot_equations_of_motion():
+    """Spong's acrobot: without torque its vector field conserves the energy
+    (dE/dt = ∇E · ẋ = 0), with it dE/dt = q̇₂ u (the torque's power), and q̈ equals the
+    Euler–Lagrange equations of L = T − V derived by automatic differentiation."""
+    rng = np.random.default_rng(0)
+    states = jnp.asarray(rng.uniform(-3, 3, size=(6, 4)))
+    torques = jnp.asarray(rng.uniform(-5, 5, size=(6, 1)))
+
+    def lagrangian(q, dq):
+        x = jnp.concatenate([q, dq])
+        kinetic = problems.acrobot_energy(x) - problems.acrobot_energy(x.at[2:].set(0.0))
+        return kinetic - problems.acrobot_energy(x.at[2:].set(0.0))
+
+    def euler_lagrange(x, u):
+        # d/dt ∂L/∂q̇ = ∂L/∂q + (0, u):  M q̈ = ∂L/∂q − (∂²L/∂q̇∂q) q̇ + (0, u)
+        q, dq = x[:2], x[2:]
+        mass = jax.hessian(lagrangian, argnums=1)(q, dq)
+        mixed = jax.jacfwd(jax.grad(lagrangian, argnums=1), argnums=0)(q, dq)
+        force = jax.grad(lagrangian, argnums=0)(q, dq) - mixed @ dq + jnp.stack([0.0, u[0]])
+        return jnp.linalg.solve(mass, force)
+
+    @jax.jit
+    @jax.vmap
+    def check(x, u):
+        dE = jax.grad(problems.acrobot_energy)(x)
+        free = dE @ problems.acrobot_vector_field(x, 0 * u)
+        driven = dE @ problems.acrobot_vector_field(x, u)
+        return free, driven, problems.acrobot_vector_field(x, u)[2:], euler_lagrange(x, u)
+
+    free, driven, ddq, expected = check(states, torques)
+    assert float(jnp.max(jnp.abs(free))) < 1e-10
+    np.testing.assert_allclose(driven, states[:, 3] * torques[:, 0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ddq, expected, rtol=1e-10, atol=1e-10)
+    assert float(jnp.max(jnp.abs(ddq))) > 1.0  # the check is not vacuous

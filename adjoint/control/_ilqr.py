@@ -38,7 +38,7 @@ from ._base import (
     target_of,
     unbounded,
 )
-from ._parallel import AbstractCostates, SequentialCostates
+from ._parallel import AbstractCostates
 from ._parallel_riccati import AbstractRiccati, ParallelRiccati
 
 
@@ -55,6 +55,7 @@ def box_qp(h, g, lo, hi, iterations: int = 12):
     Starts from Π(−H⁻¹g); each iteration takes a Newton step on the free controls
     (those not held at a bound by the gradient) with an Armijo backtracking search along
     the projection, and stops when the iterate no longer moves (at most `iterations`).
+    With one control (m = 1) the minimiser is Π(−g/h) exactly, and no loop runs.
 
     **Returns:** `(x, free)`, with `free` the controls not clamped at the solution.
     """
@@ -66,6 +67,10 @@ def box_qp(h, g, lo, hi, iterations: int = 12):
     def clamped(x):
         grad = h @ x + g
         return ((x <= lo) & (grad > 0)) | ((x >= hi) & (grad < 0))
+
+    if m == 1:  # a scalar convex quadratic: its box minimiser is the clipped Newton point
+        x = jnp.clip(-g / h[0], lo, hi)
+        return x, ~clamped(x)
 
     def body(state):
         i, x, _ = state
@@ -99,49 +104,101 @@ def box_qp(h, g, lo, hi, iterations: int = 12):
     return x, ~clamped(x)
 
 
+# XLA:CPU runs every `dot` as its own library call; for the few-state blocks of one stage
+# that call costs more than the arithmetic, and it cannot fuse with the adds around it.
+# Up to this many multiply-adds a product is written as broadcast-multiply-and-sum, which
+# XLA fuses with its neighbours into a single loop (16 states: 16³).
+_FUSED_PRODUCT_SIZE = 4096
+
+
+def _matmul(a, b):
+    """a @ b for a 2-D `a` and a 1-D or 2-D `b`, fused when small (`_FUSED_PRODUCT_SIZE`)."""
+    if a.size * (b.shape[1] if b.ndim == 2 else 1) > _FUSED_PRODUCT_SIZE:
+        return a @ b
+    if b.ndim == 1:
+        return jnp.sum(a * b[None, :], axis=1)
+    return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+def _tmatmul(a, b):
+    """aᵀ @ b, fused when small (see `_matmul`)."""
+    return _matmul(a.T, b)
+
+
 class SequentialRiccati(AbstractRiccati):
     """The backward pass of the module docstring as a `jax.lax.scan` over k = N−1..0: N
     sequential steps, each with the box QP (so it handles bounds) and, for DDP, the
-    V_X'·f second-derivative terms. The default."""
+    V_X'·f second-derivative terms. The default.
+
+    For DDP `lin` carries, after the seven first-order blocks, the second derivatives of
+    the dynamics (f_XX, f_uX, f_uu), computed for all stages at once before the scan, so
+    that each step only contracts them with V_X'. The stage products of small systems
+    are written so that XLA fuses them (`_matmul`): one loop per step instead of a
+    library call per product."""
 
     def __call__(self, method, F, lin, Xs, u, ks, lower, upper, mu, VxN, VxxN):
         m = u.shape[-1]
         eye = jnp.eye(m, dtype=u.dtype)
+        if method.second_order and len(lin) == 7:  # the dynamics' curvature, all stages
+            lin = tuple(lin) + second_derivatives(F, Xs[:-1], u, ks)
+
+        def contract(Vx, f2):  # Σ_i V_X,i f_i,jk: the DDP term V_X'·f_ab
+            return jnp.sum(Vx[:, None, None] * f2, axis=0)
 
         def step(carry, inp):
             Vx, Vxx, ok = carry
-            (fx, fu, lx, lu, lxx, luu, lux), X, uk, k, lo, hi = inp
-            Qx = lx + fx.T @ Vx
-            Qu = lu + fu.T @ Vx
-            Qxx = lxx + fx.T @ Vxx @ fx
-            Quu = luu + fu.T @ Vxx @ fu
-            Qux = lux + fu.T @ Vxx @ fx
+            blocks, uk, lo, hi = inp
+            fx, fu, lx, lu, lxx, luu, lux = blocks[:7]
+            Qx = lx + _tmatmul(fx, Vx)
+            Qu = lu + _tmatmul(fu, Vx)
+            VxxFx, VxxFu = _matmul(Vxx, fx), _matmul(Vxx, fu)
+            Qxx = lxx + _tmatmul(fx, VxxFx)
+            Quu = luu + _tmatmul(fu, VxxFu)
+            Qux = lux + _tmatmul(fu, VxxFx)
             if method.second_order:
-                (hxx, hxu), (hux, huu) = jax.hessian(
-                    lambda X_, u_: Vx @ F(X_, u_, k), argnums=(0, 1)
-                )(X, uk)
-                Qxx, Quu, Qux = Qxx + hxx, Quu + huu, Qux + hux
+                fxx, fux, fuu = blocks[7:]
+                Qxx = Qxx + contract(Vx, fxx)
+                Qux = Qux + contract(Vx, fux)
+                Quu = Quu + contract(Vx, fuu)
             Quu = 0.5 * (Quu + Quu.T)
             Quu_r = Quu + mu * eye
-            chol = jnp.linalg.cholesky(Quu_r)
-            pd = jnp.all(jnp.isfinite(chol))
+            if m == 1:
+                pd = Quu_r[0, 0] > 0
+            else:
+                pd = jnp.all(jnp.isfinite(jnp.linalg.cholesky(Quu_r)))
             Quu_safe = jnp.where(pd, Quu_r, eye)
             du, free = box_qp(Quu_safe, Qu, lo - uk, hi - uk, method.qp_iterations)
-            hf = jnp.where(free[:, None] & free[None, :], Quu_safe, eye)
-            K = -jnp.linalg.solve(hf, jnp.where(free[:, None], Qux, 0))
-            Vx_new = Qx + K.T @ Quu @ du + K.T @ Qu + Qux.T @ du
-            Vxx_new = Qxx + K.T @ Quu @ K + K.T @ Qux + Qux.T @ K
+            if m == 1:
+                K = -jnp.where(free[:, None], Qux, 0) / Quu_safe[0, 0]
+            else:
+                hf = jnp.where(free[:, None] & free[None, :], Quu_safe, eye)
+                K = -jnp.linalg.solve(hf, jnp.where(free[:, None], Qux, 0))
+            QuuDu = _matmul(Quu, du)
+            Vx_new = Qx + _tmatmul(K, QuuDu + Qu) + _tmatmul(Qux, du)
+            KtQux = _tmatmul(K, Qux)
+            Vxx_new = Qxx + _tmatmul(K, _matmul(Quu, K)) + KtQux + KtQux.T
             Vxx_new = 0.5 * (Vxx_new + Vxx_new.T)
-            dV = jnp.stack([du @ Qu, 0.5 * du @ Quu @ du])
+            dV = jnp.stack([jnp.sum(du * Qu), 0.5 * jnp.sum(du * QuuDu)])
             return (Vx_new, Vxx_new, ok & pd), (du, K, dV, Vx_new, Vxx_new)
 
-        inputs = (lin, Xs[:-1], u, ks, lower, upper)
+        inputs = (tuple(lin), u, lower, upper)
         (_, _, ok), (du, K, dV, Vx, Vxx) = jax.lax.scan(
             step, (VxN, VxxN, jnp.array(True)), inputs, reverse=True
         )
         Vx = jnp.concatenate([Vx, VxN[None]])
         Vxx = jnp.concatenate([Vxx, VxxN[None]])
         return du, K, jnp.sum(dV, axis=0), ok, Vx, Vxx
+
+
+def second_derivatives(F, X, u, ks):
+    """f_XX (N, n, n, n), f_uX (N, n, m, n), f_uu (N, n, m, m) at every stage, one
+    vectorised `jax.hessian` (the DDP terms V_X'·f_XX, … contract them in the scan)."""
+
+    def one(Xk, uk, k):
+        (fxx, _), (fux, fuu) = jax.hessian(F, argnums=(0, 1))(Xk, uk, k)
+        return fxx, fux, fuu
+
+    return jax.vmap(one)(X, u, ks)
 
 
 class ILQR(AbstractMethod):
@@ -156,10 +213,14 @@ class ILQR(AbstractMethod):
       float32.
     - `second_order`: add the V_X·f second-derivative terms (DDP).
     - `mu_init`, `mu_min`, `mu_max`, `mu_factor`: Levenberg–Marquardt regularisation of
-      Q_uu.
+      Q_uu, updated as in Tassa, Erez & Todorov (2012): μ ← μδ with δ ← max(f, δf) after
+      a failed step and δ ← min(1/f, δ/f) after an accepted one (μ = 0 below `mu_min`).
     - `max_backtracks`: line-search halvings of α from 1.
     - `qp_iterations`: projected-Newton iterations of the box QP at each stage.
-    - `costates`: how the stopping test's gradient is computed.
+    - `costates`: how the stopping test's gradient is computed: None (default) = the
+      costate recursion λ(k) = ℓ_X + f_Xᵀλ(k+1), dC/du(k) = ℓ_u + f_uᵀλ(k+1) on the
+      Jacobians the backward pass needs anyway (no extra rollout); or an
+      `AbstractCostates` (`SequentialCostates()`, `ParallelCostates()`) run on top.
     - `cost_target`: stop once C ≤ it (an array changes it without recompiling).
     - `backward`: the backward pass: `SequentialRiccati()` (default; a `lax.scan`, handles
       bounds and DDP) or `ParallelRiccati()` (an associative scan in O(log N) depth, for
@@ -174,10 +235,10 @@ class ILQR(AbstractMethod):
     mu_init: float = 0.0
     mu_min: float = 1e-8
     mu_max: float = 1e10
-    mu_factor: float = 10.0
+    mu_factor: float = 2.0
     max_backtracks: int = 12
     qp_iterations: int = 12
-    costates: AbstractCostates = SequentialCostates()
+    costates: AbstractCostates | None = None
     cost_target: float | jax.Array | None = None
     backward: AbstractRiccati = SequentialRiccati()
 
@@ -224,87 +285,113 @@ class ILQR(AbstractMethod):
             XN, (Xs, ls) = jax.lax.scan(step, X0, (u, ks))
             return jnp.concatenate([Xs, XN[None]]), jnp.sum(ls) + Phi(XN)
 
-        def linearise(X, u, k):
-            fx, fu = jax.jacfwd(F, argnums=(0, 1))(X, u, k)
-            lx, lu = jax.grad(L, argnums=(0, 1))(X, u, k)
-            (lxx, lxu), (lux, luu) = jax.hessian(L, argnums=(0, 1))(X, u, k)
-            return fx, fu, lx, lu, lxx, luu, lux
+        def linearise(Xs, u):
+            """The LQ data of the backward pass at (Xs, u), and dC/du from them by the
+            costate recursion λ(N) = φ_X, λ(k) = ℓ_X + f_Xᵀλ(k+1), dC/du(k) = ℓ_u + f_uᵀλ(k+1)."""
 
-        def backward(Xs, u, mu):
-            lin = jax.vmap(linearise)(Xs[:-1], u, ks)
-            VxN = jax.grad(Phi)(Xs[-1])
-            VxxN = jax.hessian(Phi)(Xs[-1])
-            bounds = (problem.lower, problem.upper)
-            du, K, dV, ok, _, _ = self.backward(self, F, lin, Xs, u, ks, *bounds, mu, VxN, VxxN)
-            return du, K, dV, ok
+            def stage(X, uk, k):
+                fx, fu = jax.jacfwd(F, argnums=(0, 1))(X, uk, k)
+                lx, lu = jax.grad(L, argnums=(0, 1))(X, uk, k)
+                (lxx, _), (lux, luu) = jax.hessian(L, argnums=(0, 1))(X, uk, k)
+                return fx, fu, lx, lu, lxx, luu, lux
+
+            lin = jax.vmap(stage)(Xs[:-1], u, ks)
+            if self.second_order:
+                lin = lin + second_derivatives(F, Xs[:-1], u, ks)
+            VxN, VxxN = jax.grad(Phi)(Xs[-1]), jax.hessian(Phi)(Xs[-1])
+
+            def costate_step(lam, blocks):
+                fx, fu, lx, lu = blocks
+                return lx + fx.T @ lam, lu + fu.T @ lam
+
+            _, g = jax.lax.scan(costate_step, VxN, lin[:4], reverse=True)
+            return (lin, VxN, VxxN), g
 
         def forward(Xs, u, du, K, alpha):
             def step(Xh, inp):
                 X, uk, duk, Kk, k, lo, hi = inp
                 un = jnp.clip(uk + alpha * duk + Kk @ (Xh - X), lo, hi)
-                return F(Xh, un, k), (un, L(Xh, un, k))
+                return F(Xh, un, k), (Xh, un, L(Xh, un, k))
 
             inputs = (Xs[:-1], u, du, K, ks, problem.lower, problem.upper)
-            XN, (un, ls) = jax.lax.scan(step, X0, inputs)
-            return un, jnp.sum(ls) + Phi(XN)
+            XN, (Xn, un, ls) = jax.lax.scan(step, X0, inputs)
+            return jnp.concatenate([Xn, XN[None]]), un, jnp.sum(ls) + Phi(XN)
 
-        vg = lambda u: self.costates.value_and_grad(problem, u)
-        c0, g0 = vg(u0)
-        Xs0, _ = rollout(u0)
+        def gradient(Xs, u, data, g):
+            if self.costates is None:
+                return g
+            return self.costates.value_and_grad(problem, u)[1]
+
+        Xs0, c0 = rollout(u0)
+        data0, g0 = linearise(Xs0, u0)
+        g0 = gradient(Xs0, u0, data0, g0)
         history = jnp.full(self.max_steps + 1, jnp.nan, dtype).at[0].set(c0)
         pg0 = projected_gradient_norm(problem, u0, g0)
         finite0 = jnp.isfinite(c0) & jnp.all(jnp.isfinite(g0))
         target = target_of(self)
         status = outcome(finite0, stop_test(pg0, gtol), c0 <= target, self.max_steps <= 0)
         mu0 = jnp.asarray(self.mu_init, dtype)
-        carry = (jnp.array(0), u0, Xs0, c0, mu0, history, status)
+        delta0 = jnp.ones((), dtype)
+        carry = (jnp.array(0), u0, Xs0, c0, data0, g0, mu0, delta0, history, status)
+        rounding = 16 * jnp.finfo(dtype).eps
 
         def body(carry):
-            i, u, Xs, c, mu, history, _ = carry
-            du, K, dV, pd = backward(Xs, u, mu)
+            i, u, Xs, c, data, g, mu, delta, history, _ = carry
+            lin, VxN, VxxN = data
+            bounds = (problem.lower, problem.upper)
+            du, K, dV, pd, _, _ = self.backward(self, F, lin, Xs, u, ks, *bounds, mu, VxN, VxxN)
 
             def ls_cond(state):
-                j, _, _, accepted = state
+                j, *_, accepted = state
                 return ~accepted & (j < self.max_backtracks) & pd
 
             def ls_body(state):
-                j, _, _, _ = state
+                j, *_ = state
                 alpha = jnp.asarray(0.5, dtype) ** j
-                un, cn = forward(Xs, u, du, K, alpha)
+                Xn, un, cn = forward(Xs, u, du, K, alpha)
                 expected = -(alpha * dV[0] + alpha**2 * dV[1])
                 decrease = cn <= c - 1e-4 * jnp.maximum(expected, 0)
                 # next to the optimum the change of C is below its rounding: take the
                 # full (Newton) step, which still shrinks the gradient, rather than
                 # halving α and cycling μ until the budget runs out
-                rounding = 16 * jnp.finfo(dtype).eps * (1 + jnp.abs(c))
-                flat = (j == 0) & (jnp.abs(cn - c) <= rounding) & (expected <= rounding)
-                accepted = jnp.isfinite(cn) & (decrease | flat)
-                return j + 1, un, cn, accepted
+                scale = rounding * (1 + jnp.abs(c))
+                flat = (j == 0) & (jnp.abs(cn - c) <= scale) & (expected <= scale)
+                return j + 1, Xn, un, cn, jnp.isfinite(cn) & (decrease | flat)
 
-            _, un, cn, accepted = jax.lax.while_loop(
-                ls_cond, ls_body, (jnp.array(0), u, c, jnp.array(False))
+            _, Xn, un, cn, accepted = jax.lax.while_loop(
+                ls_cond, ls_body, (jnp.array(0), Xs, u, c, jnp.array(False))
             )
-            mu_up = jnp.maximum(mu * self.mu_factor, self.mu_min)
-            mu_down = jnp.where(mu / self.mu_factor < self.mu_min, 0.0, mu / self.mu_factor)
+            # Levenberg–Marquardt schedule of Tassa, Erez & Todorov (2012): the factor δ
+            # itself grows (shrinks) geometrically while steps keep failing (succeeding)
+            f = jnp.asarray(self.mu_factor, dtype)
+            delta = jnp.where(accepted, jnp.minimum(1 / f, delta / f), jnp.maximum(f, delta * f))
+            mu_up = jnp.maximum(mu * delta, self.mu_min)
+            mu_down = jnp.where(mu * delta < self.mu_min, 0.0, mu * delta)
             mu = jnp.where(accepted, mu_down, mu_up).astype(dtype)
-            u = jnp.where(accepted, un, u)
-            Xs_new, _ = rollout(u)
-            c_new, g_new = vg(u)
-            finite = jnp.isfinite(c_new) & jnp.all(jnp.isfinite(g_new))
+
+            def relinearise(_):
+                new_data, g_new = linearise(Xn, un)
+                return Xn, un, cn, new_data, gradient(Xn, un, new_data, g_new)
+
+            def keep(_):
+                return Xs, u, c, data, g
+
+            Xs, u, c, data, g = jax.lax.cond(accepted, relinearise, keep, None)
+            finite = jnp.isfinite(c) & jnp.all(jnp.isfinite(g))
             i = i + 1
-            done = stop_test(projected_gradient_norm(problem, u, g_new), gtol)
+            done = stop_test(projected_gradient_norm(problem, u, g), gtol)
             status = outcome(
                 finite,
                 done,
-                c_new <= target,
+                c <= target,
                 i >= self.max_steps,
                 mu > self.mu_max,
-                unbounded(c_new, c0),
+                unbounded(c, c0),
             )
-            history = history.at[i].set(c_new)
-            return i, u, Xs_new, c_new, mu, history, status
+            history = history.at[i].set(c)
+            return i, u, Xs, c, data, g, mu, delta, history, status
 
-        i, u, _, _, _, history, status = jax.lax.while_loop(
+        i, u, *_, history, status = jax.lax.while_loop(
             lambda carry: carry[-1] == RUNNING, body, carry
         )
         return u, history, i, status
