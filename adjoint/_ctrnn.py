@@ -755,7 +755,7 @@ class CTRNN(eqx.Module):
             wkey, bkey = jax.random.split(key)
             w = jax.random.normal(wkey, (size, size), dtype)
             wide = w.astype(jnp.promote_types(dtype, jnp.float32))  # no float16 SVD
-            weight = (w * (spectral_norm / jnp.linalg.norm(wide, ord=2))).astype(dtype)
+            weight = (wide * (spectral_norm / jnp.linalg.norm(wide, ord=2))).astype(dtype)
             if bias is None:
                 bias = 0.1 * jax.random.normal(bkey, (size,), dtype)
         weight = jnp.asarray(weight)

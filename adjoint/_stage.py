@@ -176,15 +176,16 @@ class Dense(AbstractStage):
         return self.weight.shape[-2:-1]
 
     def _preactivation(self, x: Array) -> Array:
-        a = x @ self.weight.T
-        return a if self.bias is None else a + self.bias
+        # W x + b in the state's dtype (float16 weights on float32 states, ...)
+        a = x @ self.weight.T.astype(x.dtype)
+        return a if self.bias is None else a + self.bias.astype(x.dtype)
 
     def __call__(self, x: Float[Array, " in"]) -> Float[Array, " out"]:
         return apply_activation(self.activation, self._preactivation(x))
 
     def costate(self, x_prev, x_next, b_next):
         y = output_costate(self.activation, x_next, b_next, lambda: self._preactivation(x_prev))
-        b_prev = y @ self.weight
+        b_prev = y @ self.weight.astype(y.dtype)
         d_weight = y.T @ x_prev
         if self.bias is None:
             return b_prev, eqx.tree_at(lambda s: s.weight, self, d_weight)

@@ -107,6 +107,7 @@ def test_problem_is_a_stacked_multistage():
     assert isinstance(system.adjoint, adjoint.CostateAdjoint)
 
 
+@pytest.mark.standard_promotion
 def test_gradient_matches_autodiff_and_finite_differences(getkey):
     x0 = jnp.array([[0.3, 0.0], [-0.2, 0.5]])
     prob = _pendulum(x0)
@@ -120,6 +121,7 @@ def test_gradient_matches_autodiff_and_finite_differences(getkey):
     assert tree_max_rel_error(g, g_fd) < 1e-7
 
 
+@pytest.mark.standard_promotion
 def test_costates_paper_sign(getkey):
     x0 = jnp.array([0.3, 0.1])
     prob = _pendulum(x0)
@@ -138,6 +140,7 @@ def test_costates_paper_sign(getkey):
     assert tree_max_rel_error(grad, jax.grad(prob.cost)(u)) < 1e-12
 
 
+@pytest.mark.standard_promotion
 def test_hamiltonian_is_the_core_one(getkey):
     prob = _pendulum(jnp.array([0.3, 0.1]))
     u = jax.random.normal(getkey(), (8, 1))
@@ -152,6 +155,7 @@ def test_hamiltonian_is_the_core_one(getkey):
     assert float(ours) == pytest.approx(float(core + z[k][0, -1]), rel=1e-12)
 
 
+@pytest.mark.standard_promotion
 def test_parallel_costates_equal_sequential(getkey):
     x0 = jnp.array([[0.3, 0.0], [-0.2, 0.5], [1.0, -1.0]])
     prob = _pendulum(x0, horizon=37)
@@ -231,6 +235,9 @@ def test_lqr_batch_of_initial_states():
         assert np.max(np.abs(sol.controls[:, 0] - u_ref)) < 1e-6
 
 
+# standard promotion: the LQR dynamics multiply float64 NumPy matrices by the float32 state
+# (the test's own functions, not the package)
+@pytest.mark.standard_promotion
 def test_float32_lqr():
     x0 = np.array([1.0, -0.5])
     prob = _lqr(x0, dtype=jnp.float32)

@@ -19,7 +19,7 @@ every stage in the paper's sign, and that of X is B(k) = −∂C/∂X(k).
 
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, no_type_check
 
 import equinox as eqx
 import jax
@@ -41,8 +41,8 @@ class ControlStage(AbstractStage):
     ∂fᵀ/∂u · B_X(k+1) − ∂ℓ/∂u = −∂C/∂u(k), summed over the batch of initial states.
     """
 
-    u: Float[Array, " m"]
-    k: Int[Array, ""]
+    u: Float[Array, "*stage m"]
+    k: Int[Array, "*stage"]
     dynamics: Callable
     running_cost: Callable
     state_size: int = eqx.field(static=True)
@@ -55,7 +55,7 @@ class ControlStage(AbstractStage):
     def out_shape(self):
         return (self.state_size + 1,)
 
-    def __call__(self, z: Float[Array, " n+1"]) -> Float[Array, " n+1"]:
+    def __call__(self, z: Float[Array, " n_aug"]) -> Float[Array, " n_aug"]:
         n = self.state_size
         x, c = z[:n], z[n]
         x_next = jnp.asarray(self.dynamics(x, self.u, self.k), z.dtype)
@@ -187,6 +187,7 @@ class ControlProblem(eqx.Module):
     terminal_inequality: Callable | None = None
     constraint_sizes: tuple[int, int, int, int] | None = eqx.field(static=True, default=None)
 
+    @no_type_check  # checks its own arguments, naming the one at fault
     def __init__(
         self,
         dynamics: Callable,
@@ -428,7 +429,7 @@ class ControlProblem(eqx.Module):
         )
         return Multistage(stage, adjoint=self.adjoint)
 
-    def initial_augmented(self) -> Float[Array, "P n+1"]:
+    def initial_augmented(self) -> Float[Array, "P n_aug"]:
         """Z(0) = (x0, 0) for each initial state."""
         return jnp.concatenate([self.x0, jnp.zeros(self.x0.shape[:1] + (1,), self.dtype)], 1)
 
@@ -462,11 +463,11 @@ class ControlProblem(eqx.Module):
 
         return F, L, Phi
 
-    def _terminal(self, z_final: Float[Array, "P n+1"]) -> Scalar:
+    def _terminal(self, z_final: Float[Array, "P n_aug"]) -> Scalar:
         n = self.state_size
         return jnp.sum(z_final[:, n]) + jnp.sum(jax.vmap(self.phi)(z_final[:, :n]))
 
-    def _trajectory_cost(self, zs: Float[Array, "N+1 P n+1"]) -> Scalar:
+    def _trajectory_cost(self, zs: Float[Array, "steps P n_aug"]) -> Scalar:
         return self._terminal(zs[-1])
 
     def cost(self, u: Float[Array, "N m"]) -> Scalar:
@@ -487,7 +488,7 @@ class ControlProblem(eqx.Module):
         system = self.system(u)
         record = _core_costates(system, self.initial_augmented(), self._trajectory_cost)
         n = self.state_size
-        b = jnp.concatenate([record.input_costate[None], record.costates])[..., :n]
+        b = jnp.concatenate([record.initial_costate[None], record.costates])[..., :n]
         return record.value, record.states[..., :n], b, record.grads.stages.u
 
     def hamiltonian(

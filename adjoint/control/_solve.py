@@ -7,6 +7,8 @@ loops are `jax.lax.while_loop`s inside one `jit`; `converged` is decided again, 
 independent KKT check of the returned controls.
 """
 
+from typing import no_type_check
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -389,6 +391,7 @@ def _solve(problem, u0, method, tol, pontryagin, throw) -> Solution:
     return _finish(problem, u, history, iterations, result, tol, gtol, pontryagin, throw)
 
 
+@no_type_check  # checks its own arguments, naming the one at fault
 def solve(
     problem: ControlProblem,
     u_init: Float[Array, "N m"] | None = None,
