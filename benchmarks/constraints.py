@@ -245,7 +245,7 @@ def verify_models(model: _Model, problem, casadi) -> dict:
 
 # --------------------------------------------------------------------------- solvers
 def _ours(model: _Model, problem):
-    from adjoint import control
+    from adjoint import RESULTS, control
 
     solve = jax.jit(lambda u: control.solve(problem, u, throw=False))
 
@@ -255,8 +255,8 @@ def _ours(model: _Model, problem):
             np.asarray(sol.controls),
             bool(sol.converged),
             {
-                "iterations": int(sol.iterations),
-                "result": int(sol.result),
+                "iterations": int(sol.num_steps),
+                "result": RESULTS[sol.result] or "successful",
             },
         )
 

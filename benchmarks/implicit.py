@@ -160,7 +160,7 @@ def _functions(n: int, N: int):
 
     def loss(theta):
         s = control.solve(chain(theta, n, N), u0, control.ILQR())
-        return jnp.sum(s.controls**2), (s.controls, s.iterations, s.derivative_ok)
+        return jnp.sum(s.controls**2), (s.controls, s.num_steps, s.derivative_ok)
 
     def loss_unrolled(theta):
         u = unrolled_ilqr(chain(theta, n, N), u0)

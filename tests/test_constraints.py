@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import adjoint
 from adjoint import control, problems
-from adjoint.control._base import INFEASIBLE, NONFINITE, SUCCESS
 
 
 jax.config.update("jax_enable_x64", True)
@@ -59,14 +59,14 @@ def test_terminal_equality_lq_matches_closed_forms():
     problem = problems.goal_double_integrator(horizon=20, dt=DT)
     solution = control.solve(problem)
     u, X, costates, nu = problems.goal_double_integrator_solution(horizon=20, dt=DT)
-    assert int(solution.result) == SUCCESS and bool(solution.converged)
+    assert solution.result == adjoint.RESULTS.successful and bool(solution.converged)
     np.testing.assert_allclose(solution.controls, u, atol=1e-6)
     np.testing.assert_allclose(solution.states, X, atol=1e-6)
     np.testing.assert_allclose(solution.costates, costates, atol=1e-6)
     np.testing.assert_allclose(solution.multipliers.terminal_equality, nu, atol=1e-6)
     # warm start from the solution: a KKT point already, no outer iteration
     again = control.solve(problem, solution.controls, multipliers=solution.multipliers)
-    assert int(again.iterations) == 0 and int(again.result) == SUCCESS
+    assert int(again.num_steps) == 0 and again.result == adjoint.RESULTS.successful
     np.testing.assert_allclose(again.controls, solution.controls, atol=1e-12)
 
     # LQR with a state cost and one terminal condition: the dense constrained KKT system
@@ -122,7 +122,7 @@ def test_car_around_obstacle_feasible_multipliers_and_derivatives():
     # from zero controls (the car at rest: a degenerate linearisation)
     r, gx, eps = 0.6, 3.0, 1e-5
     solution = _car_solve(r, gx)
-    assert int(solution.result) == SUCCESS and bool(solution.derivative_ok)
+    assert solution.result == adjoint.RESULTS.successful and bool(solution.derivative_ok)
     X = _car_rollout(np.asarray(solution.controls), 5.0 / 25)
     np.testing.assert_allclose(X, solution.states, atol=1e-10)
     h = r**2 - np.sum((X[:-1, :2] - np.asarray(CENTRE)) ** 2, axis=1)
@@ -177,7 +177,7 @@ def test_infeasible_and_nonfinite_are_reported():
         terminal_equality=base.terminal_equality,
     )
     solution = control.solve(tight, throw=False)
-    assert int(solution.result) == INFEASIBLE and not bool(solution.converged)
+    assert solution.result == adjoint.RESULTS.infeasible and not bool(solution.converged)
     assert "infeasible" in solution.message
     assert float(solution.kkt.equality_violation) > 0.5
     with pytest.raises(eqx.EquinoxRuntimeError, match="constraints could not be satisfied"):
@@ -193,7 +193,7 @@ def test_infeasible_and_nonfinite_are_reported():
         terminal_equality=lambda x: x - jnp.array([jnp.nan, 0.0]),
     )
     solution = control.solve(nan, throw=False)
-    assert int(solution.result) == NONFINITE and not bool(solution.converged)
+    assert solution.result == adjoint.RESULTS.nonfinite and not bool(solution.converged)
 
 
 def test_built_under_jit_and_vmap_float32():

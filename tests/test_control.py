@@ -10,7 +10,6 @@ import pytest
 
 import adjoint
 from adjoint import control
-from adjoint.control._base import NONFINITE, TARGET
 
 from .helpers import finite_difference_grad, tree_max_rel_error
 
@@ -201,12 +200,12 @@ def test_lqr_equals_riccati(method, tol):
     assert bool(sol.kkt.ok)
     assert float(jnp.max(sol.kkt.stationarity)) <= float(sol.kkt.tolerance)
     h = sol.history
-    assert h.shape == (int(sol.iterations) + 1,) and np.all(np.diff(np.asarray(h)) <= 1e-12)
+    assert h.shape == (int(sol.num_steps) + 1,) and np.all(np.diff(np.asarray(h)) <= 1e-12)
 
 
 def test_ilqr_lqr_one_newton_step():
     sol = control.solve(_lqr([1.0, -0.5]), jnp.zeros((N, 1)), control.ILQR())
-    assert int(sol.iterations) == 1
+    assert int(sol.num_steps) == 1
 
 
 def test_lqr_batch_of_initial_states():
@@ -383,7 +382,7 @@ def test_nan_in_rollout_is_flagged(method):
         control_size=1,
     )
     sol = control.solve(prob, jnp.zeros((3, 1)), method, throw=False)
-    assert int(sol.result) == NONFINITE
+    assert sol.result == adjoint.RESULTS.nonfinite
     assert not bool(sol.converged)
     assert "non-finite" in sol.message
 
@@ -398,8 +397,8 @@ def test_cost_target_stops_early():
         control.ProjectedGradient(cost_target=jnp.asarray(target)),
         throw=False,
     )
-    assert int(sol.result) == TARGET and "cost_target" in sol.message
-    assert float(sol.cost) <= target and int(sol.iterations) < int(full.iterations)
+    assert sol.result == adjoint.RESULTS.target_reached and "cost_target" in sol.message
+    assert float(sol.cost) <= target and int(sol.num_steps) < int(full.num_steps)
     assert not bool(sol.converged)  # reaching a cost is not optimality
 
 
@@ -449,4 +448,4 @@ def test_ilqr_warm_started_next_to_the_optimum_converges():
     p = (9.999305217102062, 0.9997768975257573, 1.9998765732507748, 0.5000491727254672)
     sol = control.solve(_near_pendulum(*p, x0), u_star, throw=False)
     assert bool(sol.converged), sol.message
-    assert int(sol.iterations) <= 5
+    assert int(sol.num_steps) <= 5

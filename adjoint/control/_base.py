@@ -6,9 +6,12 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Scalar
 
+from .._results import RESULTS
 from ._problem import ControlProblem
 
 
+# Internal loop codes: the indices of `adjoint.RESULTS` (checked in `as_results`), -1 while
+# the loop runs. Records carry the `RESULTS` item, never the int.
 RUNNING = -1
 SUCCESS = 0
 MAX_STEPS = 1
@@ -37,6 +40,24 @@ MESSAGES = {
 }
 
 
+_RESULT_NAMES = {
+    MAX_STEPS: "max_steps_reached",
+    NONFINITE: "nonfinite",
+    STALLED: "stalled",
+    TARGET: "target_reached",
+    INFEASIBLE: "infeasible",
+    UNBOUNDED: "unbounded",
+}
+
+
+def as_results(code: Int[Array, ""]) -> RESULTS:
+    """The loop's int outcome code as an `adjoint.RESULTS` item (works under jit/vmap)."""
+    item = RESULTS.successful
+    for value, name in _RESULT_NAMES.items():
+        item = RESULTS.where(code == value, getattr(RESULTS, name), item)
+    return item
+
+
 def default_tol(dtype) -> float:
     """The relative tolerance: 1e-8 in float64, 1e-4 in float32 (and lower precisions)."""
     return 1e-8 if jnp.finfo(dtype).bits >= 64 else 1e-4
@@ -48,7 +69,7 @@ def gradient_floor(dtype) -> float:
     return float(jnp.finfo(dtype).eps) ** 0.75
 
 
-def gradient_tolerance(tol: float, pg0: Scalar, dtype) -> Scalar:
+def gradient_tolerance(tol: float | Scalar, pg0: Scalar, dtype) -> Scalar:
     """The stopping tolerance on the projected gradient, max(tol · ‖PG(u_init)‖∞, floor):
     relative to the projected gradient at the start, so that adding a constant to the
     cost changes nothing and scaling the cost scales both sides alike."""

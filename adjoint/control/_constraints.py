@@ -35,6 +35,8 @@ KKT system with the active constraints, differentiated in θ. It is dense in N·
 number of controls): fine to N·m of about a thousand on a CPU.
 """
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -185,7 +187,7 @@ def _inequality_term(h, mu, rho):
 class _StageLagrangian(eqx.Module):
     """ℓ + νᵀg + μᵀh (rho None), or the augmented ℓ + νᵀg + ρ/2|g|² + PHR(h) term."""
 
-    running_cost: eqx.Module
+    running_cost: Callable
     equality: eqx.Module | None
     inequality: eqx.Module | None
     nu: Array | None
@@ -202,7 +204,7 @@ class _StageLagrangian(eqx.Module):
 
 
 class _TerminalLagrangian(eqx.Module):
-    terminal_cost: eqx.Module
+    terminal_cost: Callable
     equality: eqx.Module | None
     inequality: eqx.Module | None
     nu: Array | None

@@ -12,6 +12,7 @@ closed-loop trajectory reaches the cost weights, the model's parameters, the bou
 X(0) through T implicit derivatives and the plant, never through solver iterations.
 """
 
+import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -30,14 +31,22 @@ class MPCTrajectory(eqx.Module):
     - `states`: X(0..T), (T+1, n); `controls`: the applied u*(0; t), (T, m).
     - `plan_costs`: each solve's optimal cost C*(t), (T,).
     - `converged`: whether each solve converged (and its derivative holds), (T,).
-    - `iterations`: each solve's iterations, (T,) (warm starts make them few).
+    - `num_steps`: each solve's iterations, (T,) (warm starts make them few).
     """
 
-    states: Float[Array, "T+1 n"]
+    states: Float[Array, "T_plus_1 n"]
     controls: Float[Array, "T m"]
     plan_costs: Float[Array, " T"]
     converged: Bool[Array, " T"]
-    iterations: Int[Array, " T"]
+    num_steps: Int[Array, " T"]
+
+    @property
+    def iterations(self) -> Int[Array, " T"]:
+        """Deprecated name of `num_steps` (removed in the next release)."""
+        warnings.warn(
+            "MPCTrajectory.iterations is deprecated: use num_steps", DeprecationWarning, 2
+        )
+        return self.num_steps
 
 
 class MPC(eqx.Module):
@@ -105,7 +114,7 @@ class MPC(eqx.Module):
             x_next = jnp.asarray(plant(x, u, t), problem.dtype)
             shifted = jnp.concatenate([sol.controls[1:], sol.controls[-1:]])
             carry = (x_next, problem.project(jax.lax.stop_gradient(shifted)))
-            return carry, (x_next, u, sol.cost, sol.derivative_ok, sol.iterations)
+            return carry, (x_next, u, sol.cost, sol.derivative_ok, sol.num_steps)
 
         ts = jnp.arange(self.steps, dtype=jnp.int32)
         _, (xs, us, costs, ok, its) = jax.lax.scan(step, (x0, u_init), ts)

@@ -7,6 +7,7 @@ loops are `jax.lax.while_loop`s inside one `jit`; `converged` is decided again, 
 independent KKT check of the returned controls.
 """
 
+import warnings
 from typing import no_type_check
 
 import equinox as eqx
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
+from .._results import RESULTS
 from . import _constraints
 from ._base import (
     INFEASIBLE,
@@ -27,6 +29,7 @@ from ._base import (
     TARGET,
     UNBOUNDED,
     AbstractMethod,
+    as_results,
     default_tol,
     gradient_tolerance,
     outcome,
@@ -38,7 +41,7 @@ from ._base import (
 from ._constraints import AugmentedLagrangian, Multipliers
 from ._implicit import attach, linearise
 from ._kkt import ControlKKT, analyse, analyse_constrained
-from ._parallel import AbstractCostates, SequentialCostates
+from ._parallel import AbstractCostates, ParallelCostates, SequentialCostates
 from ._problem import ControlProblem
 
 
@@ -74,7 +77,7 @@ class GradientDescent(AbstractMethod):
     optimizer: optax.GradientTransformation = optax.sgd(1e-2)
     max_steps: int = 10_000
     tol: float | None = None
-    costates: AbstractCostates = SequentialCostates()
+    costates: AbstractCostates | ParallelCostates = SequentialCostates()
     cost_target: float | Array | None = None
 
     def run(self, problem, u0, gtol):
@@ -119,7 +122,7 @@ class ProjectedGradient(AbstractMethod):
     max_steps: int = 5_000
     tol: float | None = None
     max_backtracks: int = 40
-    costates: AbstractCostates = SequentialCostates()
+    costates: AbstractCostates | ParallelCostates = SequentialCostates()
     cost_target: float | Array | None = None
 
     def run(self, problem, u0, gtol):
@@ -187,11 +190,12 @@ class Solution(eqx.Module):
     - `states`: X(0..N), (N+1, n), or (N+1, P, n) for a batch of initial states.
     - `costates`: B(0..N) = −∂C/∂X(k) in the paper's sign, shaped like `states`.
     - `cost`: C at `controls`; `cost_history`: C after each iteration (entry 0 = C(u_init)),
-      padded with NaN after `iterations` (fixed length, so `solve` works under `jit`).
+      padded with NaN after `num_steps` (fixed length, so `solve` works under `jit`).
     - `kkt`: a `ControlKKT` (stationarity, bound multipliers, complementarity,
       feasibility, Lagrangian residuals, Hamiltonian, Pontryagin gap).
-    - `iterations`, `result` (0 success, 1 max steps, 2 non-finite, 3 stalled, 4 cost
-      target reached; see `message`), `converged` = the method met its tolerance AND the
+    - `num_steps`: the method's iterations; `result`: an `adjoint.RESULTS` item
+      (`successful`, `max_steps_reached`, `nonfinite`, `stalled`, `target_reached`,
+      `infeasible`, `unbounded`; see `message`); `converged` = the method met its tolerance AND the
       KKT (and, unless `pontryagin=False`, Pontryagin) checks pass.
     - `hessian_ok`: the reduced Hessian on the free controls is positive definite at
       every stage (a strict local minimum: the implicit derivative exists);
@@ -207,7 +211,7 @@ class Solution(eqx.Module):
     equalities, μ ≥ 0 for the inequalities, per row and stage, in L = C + νᵀg + μᵀh, so
     dC*/d(right-hand side) = −ν, −μ); its `costates` are the Lagrangian's (B = −∂L/∂X,
     the constraints' terms included), `multipliers` are differentiable too, and
-    `result` 5 means infeasible (see `message`). `hessian_ok` then says the Newton KKT
+    `result` may be `RESULTS.infeasible` (see `message`). `hessian_ok` then says the Newton KKT
     matrix at the solution is non-singular (second-order sufficiency on the active
     constraints' null space is not checked) and `min_pivot` is its σ_min/σ_max.
     """
@@ -218,8 +222,8 @@ class Solution(eqx.Module):
     cost: Scalar
     cost_history: Float[Array, " S"]
     kkt: ControlKKT
-    iterations: Int[Array, ""]
-    result: Int[Array, ""]
+    num_steps: Int[Array, ""]
+    result: RESULTS
     converged: Bool[Array, ""]
     hessian_ok: Bool[Array, ""]
     min_pivot: Scalar
@@ -233,8 +237,9 @@ class Solution(eqx.Module):
 
     @property
     def message(self) -> str:
-        text = MESSAGES.get(int(self.result), "unknown outcome")
-        if int(self.result) == SUCCESS and not bool(self.converged):
+        success = bool(self.result == RESULTS.successful)
+        text = MESSAGES[SUCCESS] if success else RESULTS[self.result]
+        if success and not bool(self.converged):
             text += "; but the KKT / Pontryagin check failed: " + self.kkt.summary()
         if not bool(self.hessian_ok) and self.multipliers is not None:
             text += (
@@ -250,7 +255,13 @@ class Solution(eqx.Module):
     @property
     def history(self) -> Array:
         """The cost history without the NaN padding (outside `jit` only)."""
-        return self.cost_history[: int(self.iterations) + 1]
+        return self.cost_history[: int(self.num_steps) + 1]
+
+    @property
+    def iterations(self) -> Int[Array, ""]:
+        """Deprecated name of `num_steps` (removed in the next release)."""
+        warnings.warn("Solution.iterations is deprecated: use num_steps", DeprecationWarning, 2)
+        return self.num_steps
 
 
 _THROW = (
@@ -322,7 +333,7 @@ def _finish(problem, u, history, iterations, result, tol, gtol, pontryagin, thro
         history,
         kkt,
         iterations,
-        result,
+        as_results(result),
         converged,
         lin.ok,
         lin.min_pivot,
@@ -374,7 +385,7 @@ def _finish_constrained(problem, u, y, history, iterations, result, tol, throw) 
         history,
         kkt,
         iterations,
-        result,
+        as_results(result),
         converged,
         nonsingular,
         singular_values[-1] / singular_values[0],

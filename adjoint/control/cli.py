@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     axes[3].set_xlabel("k")
     fig.suptitle(
         f"{args.name}, {args.method}: C = {float(sol.cost):.6g}, "
-        f"{int(sol.iterations)} iterations, converged = {bool(sol.converged)}"
+        f"{int(sol.num_steps)} iterations, converged = {bool(sol.converged)}"
     )
     fig.tight_layout()
     png = out / f"{args.name}.png"
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         "horizon": problem.horizon,
         "dtype": str(problem.dtype),
         "cost": float(sol.cost),
-        "iterations": int(sol.iterations),
+        "iterations": int(sol.num_steps),
         "converged": bool(sol.converged),
         "message": sol.message,
         "final_state": states[-1].tolist(),
