@@ -240,8 +240,11 @@ class FixedPointSolve(AbstractRelaxation):
 def _product(a: Array, b: Array) -> Array:
     """a @ b at full precision: on GPUs, float32 products default to TF32 (10-bit
     mantissas), with which the fixed point and its adjoint cannot reach the default
-    tolerances (the relaxation stalls above them); on CPUs this is the plain product."""
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    tolerances (the relaxation stalls above them); on CPUs this is the plain product.
+    Mixed dtypes (float16 weights on a float32 state) meet in the wider one, explicitly."""
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(a, b)
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def _adjoint_map(weight: Array, derivative: Array, lam: Array) -> Array:
@@ -555,7 +558,8 @@ def _is_attractor(weight: Array, derivative: Array, tau: Array) -> Bool[Array, "
     rather than trusted.
     """
     weight, derivative, tau = (jax.lax.stop_gradient(a) for a in (weight, derivative, tau))
-    dtype = jnp.promote_types(jnp.result_type(weight, derivative), jnp.float32)
+    with jax.numpy_dtype_promotion("standard"):  # the wider of the two, at least float32
+        dtype = jnp.promote_types(jnp.result_type(weight, derivative), jnp.float32)
     weight, derivative, tau = (a.astype(dtype) for a in (weight, derivative, tau))
     rounding = float(jnp.finfo(dtype).eps) ** 0.5  # the margin of every test below
     margin = 1 - rounding
@@ -754,7 +758,7 @@ class CTRNN(eqx.Module):
                 raise TypeError(f"CTRNN: dtype must be floating, got {dtype}")
             wkey, bkey = jax.random.split(key)
             w = jax.random.normal(wkey, (size, size), dtype)
-            wide = w.astype(jnp.promote_types(dtype, jnp.float32))  # no float16 SVD
+            wide = w if jnp.finfo(dtype).bits >= 32 else w.astype(jnp.float32)  # no float16 SVD
             weight = (wide * (spectral_norm / jnp.linalg.norm(wide, ord=2))).astype(dtype)
             if bias is None:
                 bias = 0.1 * jax.random.normal(bkey, (size,), dtype)
@@ -804,13 +808,20 @@ class CTRNN(eqx.Module):
 
     def _map(self, x: Array, inputs: Array) -> Array:
         """X ↦ F(W X + b + I) on a batch of row vectors."""
-        return apply_activation(self.activation, _product(x, self.weight.T) + self.bias + inputs)
+        return apply_activation(self.activation, self._preactivation(x, inputs))
+
+    def _preactivation(self, x: Array, inputs: Array) -> Array:
+        """A = W X + b + I, its terms meeting in the widest dtype, explicitly."""
+        terms = (_product(x, self.weight.T), self.bias, inputs)
+        with jax.numpy_dtype_promotion("standard"):
+            dtype = jnp.result_type(*terms)
+        return sum(t.astype(dtype) for t in terms[1:]) + terms[0].astype(dtype)
 
     def _derivative(self, x: Array, inputs: Array) -> Array:
         """F'(A) at the fixed point, from X* = F(A) where the activation allows."""
         if isinstance(self.activation, str):
             return _ACTIVATIONS[self.activation][1](x)
-        a = _product(x, self.weight.T) + self.bias + inputs
+        a = self._preactivation(x, inputs)
         return jax.jvp(self.activation, (a,), (jnp.ones_like(a),))[1]
 
     def vector_field(self, t, x: Array, inputs: Array) -> Array:
@@ -830,7 +841,8 @@ class CTRNN(eqx.Module):
             raise ValueError(
                 f"CTRNN: inputs must have shape ({n},) or (P, {n}), got {inputs.shape}"
             )
-        inputs = inputs.astype(jnp.result_type(inputs.dtype, self.weight.dtype))
+        with jax.numpy_dtype_promotion("standard"):  # the wider of the two dtypes
+            inputs = inputs.astype(jnp.result_type(inputs.dtype, self.weight.dtype))
         if x0 is None:
             x0 = jnp.zeros_like(inputs)
         else:

@@ -231,7 +231,10 @@ def _run_chunk(n, params, opt_state, step, perms, data, static, loss, optimizer,
             batch = parallel.constrain_batch(batch)
         # forward pass, costate recursion (the model's adjoint) and ∂L/∂W in one call
         value, grads = jax.value_and_grad(lambda p: loss(eqx.combine(p, static), batch))(params)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        # optax is not strict-promotion clean (Adam's bias correction raises a Python
+        # float to an int32 power): its update runs under standard promotion
+        with jax.numpy_dtype_promotion("standard"):
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
         _check_carry_dtypes(opt_state, new_opt_state)
         opt_state = new_opt_state
         # each control keeps its own dtype (as optax.apply_updates does), so a float16

@@ -400,8 +400,11 @@ def _check_stacked(stage: AbstractStage, mask: tuple[bool, ...] | None) -> None:
     shape = one.in_shape
     if shape is None:
         return
+    # the probe state in the stage's floating dtype (its first leaves may be int indices)
+    floating = [x.dtype for x in jtu.tree_leaves(dynamic) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    dtype = floating[0] if floating else jnp.zeros(()).dtype
     try:
-        out = jax.eval_shape(one, jax.ShapeDtypeStruct(shape, leaves[0].dtype))
+        out = jax.eval_shape(one, jax.ShapeDtypeStruct(shape, dtype))
     except Exception as err:
         raise ValueError(
             f"a slice of the stacked stage cannot take a state of shape {shape}: "

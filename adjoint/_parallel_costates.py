@@ -129,4 +129,3 @@ class ParallelCostates(AbstractCostateAdjoint):
         control layer's `costates=` strategy interface."""
         problem = eqx.tree_at(lambda p: p.adjoint, problem, self)
         return jax.value_and_grad(problem.cost)(u)
-

@@ -119,13 +119,13 @@ class ElmanCell(AbstractCell):
 
     def costate(self, h_prev, x, h_next, b_next):
         y = output_costate(self.activation, h_next, b_next, lambda: self._preactivation(h_prev, x))
-        grads = [y.T @ h_prev, y.T @ x]
+        grads = [y.T @ h_prev, y.T @ x.astype(y.dtype)]
         paths = [lambda c: c.weight_hh, lambda c: c.weight_ih]
         if self.bias is not None:
             grads.append(y.sum(axis=0))
             paths.append(lambda c: c.bias)
         ct = eqx.tree_at(lambda c: tuple(p(c) for p in paths), _inexact(self), tuple(grads))
-        return y @ self.weight_hh, y @ self.weight_ih, ct
+        return y @ self.weight_hh.astype(y.dtype), y @ self.weight_ih.astype(y.dtype), ct
 
 
 # --------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ class UnfoldedStep(AbstractStage):
     Z(t) = [f(H(t-1), I(t); W(t)), I(1..T)]. Use `RecurrentNet.multistage`."""
 
     cell: AbstractCell
-    step: Int[Array, ""]
+    step: Int[Array, "*stage"]
     hidden: int = eqx.field(static=True)
     length: int = eqx.field(static=True)
     features: int = eqx.field(static=True)

@@ -145,7 +145,8 @@ def train_step(log_params, opt_state, learning_rate, x0s, expert_controls, horiz
     scale = jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
     loss = jnp.sum(jnp.where(ok, errors, 0)) / scale
     grads = jax.tree.map(lambda g: jnp.sum(jnp.where(ok, g, 0)) / scale, grads)
-    updates, opt_state = optax.adam(learning_rate).update(grads, opt_state, log_params)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam is not strict-promotion clean
+        updates, opt_state = optax.adam(learning_rate).update(grads, opt_state, log_params)
     return optax.apply_updates(log_params, updates), opt_state, loss, (u, x, ok)
 
 

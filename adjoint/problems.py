@@ -436,7 +436,7 @@ def car_obstacle(
     duration: float = 5.0,
     goal=(3.0, 0.0),
     obstacle=(1.5, 0.1),
-    radius: float = 0.6,
+    radius=0.6,  # a float or a (traced) scalar array
     u_max=(2.0, 2.0),
     *,
     dtype=None,

@@ -6,12 +6,20 @@ import jax.tree_util as jtu
 import numpy as np
 
 
+def _wider(x, y):
+    return np.promote_types(np.asarray(x).dtype, np.asarray(y).dtype)
+
+
 def tree_max_rel_error(a, b) -> float:
     """max |a − b| / max |b| over all array leaves (None leaves skipped)."""
     la = [x for x in jtu.tree_leaves(a) if x is not None]
     lb = [x for x in jtu.tree_leaves(b) if x is not None]
     assert len(la) == len(lb), (len(la), len(lb))
-    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(la, lb))
+    # each pair compared in the wider of its two dtypes (float32 against float64, ...)
+    diff = max(
+        float(jnp.max(jnp.abs(jnp.asarray(x, _wider(x, y)) - jnp.asarray(y, _wider(x, y)))))
+        for x, y in zip(la, lb)
+    )
     scale = max(float(jnp.max(jnp.abs(y))) for y in lb)
     return diff / max(scale, 1e-300)
 

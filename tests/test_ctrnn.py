@@ -354,7 +354,12 @@ def test_defaults_are_the_iterations_at_the_dtypes_tolerance(getkey):
         sol = solve(cast, inputs.astype(dtype))
         x = sol.fixed_point
         assert x.dtype == dtype and sol.result == adj.RESULTS.successful and bool(sol.converged)
-        assert float(jnp.max(jnp.abs(jnp.tanh(x @ cast.weight.T + cast.bias + inputs) - x))) < tol
+        assert (
+            float(
+                jnp.max(jnp.abs(jnp.tanh(x @ cast.weight.T + cast.bias + inputs.astype(dtype)) - x))
+            )
+            < tol
+        )
         assert float(np.max(np.abs(np.asarray(x, np.float64) - reference))) < tol
     assert int(sol.num_steps) < int(solve(net, inputs).num_steps)  # float32 stops sooner
     grads = eqx.filter_jit(_grads)(_cost, net, inputs, target)[0]

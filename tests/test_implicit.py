@@ -282,6 +282,7 @@ def test_vmap_over_problems_with_bounds_and_dynamics():
     assert np.allclose(out, singles, rtol=1e-10)
 
 
+@pytest.mark.standard_promotion  # the test's dynamics multiply float64 A by the float32 state
 def test_float32():
     theta = THETA.astype(jnp.float32)
     make = lambda th: _lqr(th, X0.astype(jnp.float32))

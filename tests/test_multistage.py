@@ -267,6 +267,7 @@ def test_float32_runs(getkey):
     assert_tree_allclose(g, r, rtol=1e-5)
 
 
+@pytest.mark.standard_promotion  # optax's Adam bias correction: a Python float to an int32 power
 def test_optax_training_reduces_loss(getkey):
     x, y = aj.datasets.parity(3)
     keys = jax.random.split(getkey(), 2)

@@ -33,6 +33,7 @@ def _with(system, adj):
     return eqx.tree_at(lambda s: s.adjoint, system, adj)
 
 
+@pytest.mark.standard_promotion  # the test's cost weighs float64 states by int64 stage indices
 def test_parallel_equals_sequential_on_a_user_stage(getkey):
     """A stacked user stage without an analytic adjoint (2-D states per pattern)."""
     stage = eqx.filter_vmap(lambda k: MyStage(3, key=k))(jax.random.split(getkey(), 6))

@@ -188,8 +188,8 @@ class _StageLagrangian(eqx.Module):
     """ℓ + νᵀg + μᵀh (rho None), or the augmented ℓ + νᵀg + ρ/2|g|² + PHR(h) term."""
 
     running_cost: Callable
-    equality: eqx.Module | None
-    inequality: eqx.Module | None
+    equality: Callable | None
+    inequality: Callable | None
     nu: Array | None
     mu: Array | None
     rho: Array | None
@@ -205,8 +205,8 @@ class _StageLagrangian(eqx.Module):
 
 class _TerminalLagrangian(eqx.Module):
     terminal_cost: Callable
-    equality: eqx.Module | None
-    inequality: eqx.Module | None
+    equality: Callable | None
+    inequality: Callable | None
     nu: Array | None
     mu: Array | None
     rho: Array | None
