@@ -165,13 +165,15 @@ def test_parallel_costates_equal_sequential(getkey):
     assert tree_max_rel_error(p_states, states) < 1e-13
     assert tree_max_rel_error(p_b, b) < 1e-11
     assert tree_max_rel_error(p_grad, grad) < 1e-11
-    sol = control.solve(
-        _pendulum(x0[0], horizon=37, bound=2.0),
-        jnp.zeros((37, 1)),
-        control.ProjectedGradient(costates=control.ParallelCostates()),
+    # one knob: the problem's adjoint is the parallel scan for every method
+    problem = eqx.tree_at(
+        lambda p: p.adjoint, _pendulum(x0[0], horizon=37, bound=2.0), adjoint.ParallelCostates()
     )
+    sol = control.solve(problem, jnp.zeros((37, 1)), control.ProjectedGradient())
     # converged = its stopping test AND the KKT check run on the core's costates
     assert bool(sol.converged), sol.message
+    with pytest.warns(DeprecationWarning, match="ControlProblem\\(adjoint=...\\)"):
+        control.ProjectedGradient(costates=control.ParallelCostates())  # the old knob
 
 
 # ---------------------------------------------------------------- LQR against Riccati

@@ -38,7 +38,7 @@ from ._base import (
     target_of,
     unbounded,
 )
-from ._parallel import AbstractCostates
+from ._parallel import AbstractCostates, warn_costates
 from ._parallel_riccati import AbstractRiccati, ParallelRiccati
 
 
@@ -217,10 +217,10 @@ class ILQR(AbstractMethod):
       a failed step and δ ← min(1/f, δ/f) after an accepted one (μ = 0 below `mu_min`).
     - `max_backtracks`: line-search halvings of α from 1.
     - `qp_iterations`: projected-Newton iterations of the box QP at each stage.
-    - `costates`: how the stopping test's gradient is computed: None (default) = the
-      costate recursion λ(k) = ℓ_X + f_Xᵀλ(k+1), dC/du(k) = ℓ_u + f_uᵀλ(k+1) on the
-      Jacobians the backward pass needs anyway (no extra rollout); or an
-      `AbstractCostates` (`SequentialCostates()`, `ParallelCostates()`) run on top.
+    - `costates`: deprecated (the stopping test's gradient is the costate recursion
+      λ(k) = ℓ_X + f_Xᵀλ(k+1), dC/du(k) = ℓ_u + f_uᵀλ(k+1) on the Jacobians the
+      backward pass needs anyway, with no extra rollout; how the problem's own
+      gradient is computed is `ControlProblem(adjoint=...)`).
     - `cost_target`: stop once C ≤ it (an array changes it without recompiling).
     - `backward`: the backward pass: `SequentialRiccati()` (default; a `lax.scan`, handles
       bounds and DDP) or `ParallelRiccati()` (an associative scan in O(log N) depth, for
@@ -243,6 +243,7 @@ class ILQR(AbstractMethod):
     backward: AbstractRiccati = SequentialRiccati()
 
     def __check_init__(self):
+        warn_costates(self)
         if not isinstance(self.backward, AbstractRiccati):
             raise TypeError(
                 "ILQR: backward must be SequentialRiccati() or ParallelRiccati(), got "

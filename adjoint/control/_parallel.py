@@ -14,6 +14,7 @@ small state sizes n and long horizons on parallel hardware.
 """
 
 import abc
+import warnings
 
 import equinox as eqx
 import jax
@@ -42,6 +43,17 @@ class SequentialCostates(AbstractCostates):
 
 # `ParallelCostates` (re-exported from the core, an `adjoint.AbstractAdjoint`) also
 # serves as a `costates=` strategy here: it provides `value_and_grad(problem, u)`.
+
+
+def warn_costates(method) -> None:
+    """The methods' `costates=` is deprecated: one knob, `ControlProblem(adjoint=...)`."""
+    if method.costates is not None:
+        warnings.warn(
+            f"{type(method).__name__}(costates=...) is deprecated: choose how dC/du is "
+            "computed once, with ControlProblem(adjoint=...) (e.g. adjoint.ParallelCostates())",
+            DeprecationWarning,
+            stacklevel=3,
+        )
 
 
 def parallel_costates(

@@ -7,6 +7,7 @@ loops are `jax.lax.while_loop`s inside one `jit`; `converged` is decided again, 
 independent KKT check of the returned controls.
 """
 
+import functools
 import warnings
 from typing import no_type_check
 
@@ -41,7 +42,7 @@ from ._base import (
 from ._constraints import AugmentedLagrangian, Multipliers
 from ._implicit import attach, linearise
 from ._kkt import ControlKKT, analyse, analyse_constrained
-from ._parallel import AbstractCostates, ParallelCostates, SequentialCostates
+from ._parallel import AbstractCostates, ParallelCostates, warn_costates
 from ._problem import ControlProblem
 
 
@@ -54,6 +55,13 @@ def _constant(tree):
 
 def _finite(*xs) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+def _value_and_grad(costates, problem: ControlProblem, u: Array):
+    """(C(u), dC/du) by the problem's own adjoint (or a deprecated `costates=`)."""
+    if costates is None:
+        return jax.value_and_grad(problem.cost)(u)
+    return costates.value_and_grad(problem, u)
 
 
 def _initial_status(problem, u, c, g, gtol, max_steps, target):
@@ -69,19 +77,23 @@ class GradientDescent(AbstractMethod):
 
     **Arguments:** `optimizer` (default `optax.sgd(1e-2)`), `max_steps`, `tol` (relative
     to the projected gradient at u_init, see `ILQR`; None: 1e-8 in float64, 1e-4 in
-    float32), `costates` (`SequentialCostates()` = the core's recursion, or
-    `ParallelCostates()`), `cost_target` (stop once C ≤ it; an array changes it without
-    recompiling).
+    float32), `cost_target` (stop once C ≤ it; an array changes it without
+    recompiling). How dC/du is computed is the problem's one choice,
+    `ControlProblem(adjoint=...)` (the recursion, `AutodiffAdjoint()` or
+    `ParallelCostates()`); `costates=` is deprecated.
     """
 
     optimizer: optax.GradientTransformation = optax.sgd(1e-2)
     max_steps: int = 10_000
     tol: float | None = None
-    costates: AbstractCostates | ParallelCostates = SequentialCostates()
+    costates: AbstractCostates | ParallelCostates | None = None
     cost_target: float | Array | None = None
 
+    def __check_init__(self):
+        warn_costates(self)
+
     def run(self, problem, u0, gtol):
-        vg = lambda u: self.costates.value_and_grad(problem, u)
+        vg = functools.partial(_value_and_grad, self.costates, problem)
         c0, g0 = vg(u0)
         history = jnp.full(self.max_steps + 1, jnp.nan, u0.dtype).at[0].set(c0)
         target = target_of(self)
@@ -115,18 +127,21 @@ class ProjectedGradient(AbstractMethod):
         u⁺ = Π(u − α dC/du),  α from Barzilai–Borwein (sᵀs / sᵀy),
         halved until C(u⁺) ≤ C(u) + 10⁻⁴ ∇Cᵀ(u⁺ − u)  (Armijo along the projection arc).
 
-    **Arguments:** `max_steps`, `tol`, `max_backtracks`, `costates`, `cost_target` (as
+    **Arguments:** `max_steps`, `tol`, `max_backtracks`, `cost_target` (as
     `GradientDescent`).
     """
 
     max_steps: int = 5_000
     tol: float | None = None
     max_backtracks: int = 40
-    costates: AbstractCostates | ParallelCostates = SequentialCostates()
+    costates: AbstractCostates | ParallelCostates | None = None
     cost_target: float | Array | None = None
 
+    def __check_init__(self):
+        warn_costates(self)
+
     def run(self, problem, u0, gtol):
-        vg = lambda u: self.costates.value_and_grad(problem, u)
+        vg = functools.partial(_value_and_grad, self.costates, problem)
         c0, g0 = vg(u0)
         history = jnp.full(self.max_steps + 1, jnp.nan, u0.dtype).at[0].set(c0)
         target = target_of(self)
