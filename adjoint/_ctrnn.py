@@ -375,7 +375,11 @@ class LinearSolveAdjoint(AbstractCTRNNAdjoint):
 
     def solve(self, weight, derivative, cotangent):
         if self.dense:
-            eye = jnp.eye(weight.shape[0], dtype=weight.dtype)
+            with jax.numpy_dtype_promotion("standard"):  # mixed precision meets explicitly
+                dtype = jnp.result_type(weight, derivative, cotangent)
+            weight, derivative = weight.astype(dtype), derivative.astype(dtype)
+            cotangent = cotangent.astype(dtype)
+            eye = jnp.eye(weight.shape[0], dtype=dtype)
 
             def one(d, g):
                 matrix = eye - weight.T * d[None, :]  # (1 − Wᵀ diag(d)) acting on columns

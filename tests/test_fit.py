@@ -54,6 +54,7 @@ def _hand_loop(model, data, optimizer, steps, batch_size, key):
     return eqx.combine(params, static), np.asarray(losses)
 
 
+@pytest.mark.standard_promotion  # the hand-written reference loop calls optax's Adam directly
 def test_fit_matches_hand_written_loop_minibatch(getkey):
     model = _mlp(getkey(), (2, 5, 1))
     data = adjoint.datasets.spirals(24, key=getkey())

@@ -81,7 +81,7 @@ def projected_gradient_norm(problem: ControlProblem, u: Array, g: Array) -> Scal
     return jnp.max(jnp.abs(u - problem.project(u - g)))
 
 
-def stop_test(pg: Scalar, gtol: Scalar) -> Array:
+def stop_test(pg: Scalar, gtol: Scalar | float) -> Array:
     """The stopping rule shared by every method: ‖u − Π(u − ∇C)‖∞ ≤ gtol, with gtol from
     `gradient_tolerance` (invariant to adding a constant to C)."""
     return pg <= gtol
