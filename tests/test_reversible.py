@@ -161,25 +161,16 @@ def test_second_order_and_unsupported_uses_raise(nonlinear):
         solve(max_steps=None)
     with pytest.raises(ValueError, match="coupling"):
         adj.Reversible(diffrax.Tsit5(), coupling=0.0)
+    growth = dict(t0=0.0, t1=1.0, dt0=0.1, terminal_cost=jnp.sum)  # dX/dt = a X
     with pytest.raises(ValueError, match="backward_solver"):
         adj.costate_ode(
             lambda t, x, a: a * x,
             jnp.asarray(0.3),
             jnp.ones(1),
-            t0=0.0,
-            t1=1.0,
-            dt0=0.1,
-            terminal_cost=jnp.sum,
+            **growth,
             backward_solver=diffrax.Bosh3(),
         )
     with pytest.raises(ValueError, match="mode must be one of"):
         adj.costate_ode(
-            lambda t, x, a: a * x,
-            jnp.asarray(0.3),
-            jnp.ones(1),
-            t0=0.0,
-            t1=1.0,
-            dt0=0.1,
-            terminal_cost=jnp.sum,
-            mode="backsolve",
+            lambda t, x, a: a * x, jnp.asarray(0.3), jnp.ones(1), **growth, mode="backsolve"
         )
