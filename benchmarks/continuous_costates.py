@@ -22,11 +22,15 @@ scheme Reversible(Tsit5), and dC/d(W, b) by
 
 Times are interleaved (A B C … A B C …) after a warm-up, with `block_until_ready`; the
 "× forward" columns are medians over rounds of the per-round ratio to the forward in the
-same round. Memory is XLA's compiled temp bytes. "gap" is max |g − g_ref| / max |g_ref|
-against `RecursiveCheckpointAdjoint` on the same solver (the exact gradient of that
-solver's C); "gap to Tsit5" against `RecursiveCheckpointAdjoint` on Tsit5; "gap to
-continuous" against the gradient of the continuous problem (Tsit5, 4,000 steps, float64):
-what each method's accuracy buys, so that cheaper bases can be compared at equal time.
+same round. Memory is XLA's compiled temp bytes. The steps end at t_n = n/N rounded to
+float32 (`diffrax.StepTo`; constant steps of 1/N for the two backsolves, which cannot
+run `StepTo` backward). "gap" is max |g − g_ref| / max |g_ref| against the float64
+gradient of the same solver's discrete C on the same time grid (the exact gradient of
+what float32 computes approximately): each method's float32 round-off, which
+`RecursiveCheckpointAdjoint`'s own row puts in scale; "gap to Tsit5" against that of
+Tsit5; "gap to continuous" against the gradient of the continuous problem (Tsit5, 4,000
+steps, float64): what each method's accuracy buys, so that cheaper bases can be compared
+at equal time.
 
 The sizes can be run one at a time (`--steps 10000`), each merged into the results file.
 """
@@ -93,33 +97,59 @@ def _continuous_reference(n, batch, steps=4000):
 
 def _one_size(n, batch, steps, repeats, direct, continuous):
     params, x0, target = _problem(n, batch)
-    dt0 = 1.0 / steps
+    # The step times t_n = n/N rounded to float32 once each (`StepTo`), so that the
+    # float64 references below run the very same discrete scheme.
+    ts = np.linspace(0.0, 1.0, steps + 1).astype(np.float32)
+    steps_to = diffrax.StepTo(ts=jnp.asarray(ts))
 
     def terminal(x):
         return jnp.sum((target - x) ** 2)
 
-    def cost(solver, adjoint):
+    def cost(solver, adjoint, target=target, controller=steps_to):
+        # `BacksolveAdjoint` cannot run `StepTo` backward: constant steps of 1/N for it.
+        constant = isinstance(adjoint, diffrax.BacksolveAdjoint)
+        if constant:
+            controller = diffrax.ConstantStepSize()
+
         def c(params, x0):
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(_vector_field),
                 solver,
-                0.0,
-                1.0,
-                dt0,
+                0.0 if constant else controller.ts[0],
+                1.0 if constant else controller.ts[-1],
+                1.0 / steps if constant else None,
                 x0,
                 args=params,
                 saveat=diffrax.SaveAt(t1=True),
+                stepsize_controller=controller,
                 adjoint=adjoint,
                 max_steps=steps,
             )
-            return terminal(sol.ys[-1])
+            return jnp.sum((target - sol.ys[-1]) ** 2)
 
         return c
+
+    def exact(solver):
+        """The float64 gradient of the same scheme on the same time grid
+        (`RecursiveCheckpointAdjoint`): what a float32 gradient should be."""
+        with jax.enable_x64(True):
+            p64, x64, t64 = jax.tree.map(
+                lambda a: jnp.asarray(a, jnp.float64), (params, x0, target)
+            )
+            controller = diffrax.StepTo(ts=jnp.asarray(ts, jnp.float64))
+            c = cost(solver, diffrax.RecursiveCheckpointAdjoint(), t64, controller)
+            return [np.asarray(g) for g in jax.jit(jax.grad(c))(p64, x64)]
 
     tsit5, rev_tsit5 = diffrax.Tsit5(), adj.Reversible(diffrax.Tsit5())
     rev_mid = adj.Reversible(diffrax.Midpoint())
     rc = diffrax.RecursiveCheckpointAdjoint()
-    kwargs = dict(t0=0.0, t1=1.0, dt0=dt0, terminal_cost=terminal, max_steps=steps)
+    kwargs = dict(
+        t0=float(ts[0]),
+        t1=float(ts[-1]),
+        stepsize_controller=steps_to,
+        terminal_cost=terminal,
+        max_steps=steps,
+    )
     fns = {
         FORWARD: cost(tsit5, rc),
         "forward solve, Reversible(Tsit5)": cost(rev_tsit5, rc),
@@ -127,7 +157,11 @@ def _one_size(n, batch, steps, repeats, direct, continuous):
         OURS_MIDPOINT: jax.grad(cost(rev_mid, adj.ReversibleAdjoint())),
         OTD: jax.grad(
             lambda p, x: adj.trajectory_cost(
-                _vector_field, p, x, mode="optimise-then-discretise", **kwargs
+                _vector_field,
+                p,
+                x,
+                mode="optimise-then-discretise",
+                **dict(kwargs, stepsize_controller=None, dt0=1.0 / steps),
             )
         ),
         "BacksolveAdjoint": jax.grad(cost(tsit5, diffrax.BacksolveAdjoint())),
@@ -143,9 +177,9 @@ def _one_size(n, batch, steps, repeats, direct, continuous):
     times = _interleaved_times({k: (lambda f=f: f(params, x0)) for k, f in fns.items()}, repeats)
 
     references = {
-        "Tsit5": jax.jit(jax.grad(cost(tsit5, rc)))(params, x0),
-        "Reversible(Tsit5)": jax.jit(jax.grad(cost(rev_tsit5, rc)))(params, x0),
-        "Reversible(Midpoint)": jax.jit(jax.grad(cost(rev_mid, rc)))(params, x0),
+        "Tsit5": exact(tsit5),
+        "Reversible(Tsit5)": exact(rev_tsit5),
+        "Reversible(Midpoint)": exact(rev_mid),
     }
     same_solver = {OURS: "Reversible(Tsit5)", OURS_MIDPOINT: "Reversible(Midpoint)"}
 
@@ -183,13 +217,25 @@ def _one_size(n, batch, steps, repeats, direct, continuous):
                 "gap_to_continuous": None if grads is None else rel(grads, continuous),
             }
         )
-    return {"steps": steps, "rows": rows}
+    # float32's own round-off on the reversible schemes: diffrax's
+    # `RecursiveCheckpointAdjoint` on the same solver (untimed), against the same reference
+    floor = {
+        solver: rel(jax.jit(jax.grad(cost(reversible, rc)))(params, x0), references[solver])
+        for solver, reversible in (
+            ("Reversible(Tsit5)", rev_tsit5),
+            ("Reversible(Midpoint)", rev_mid),
+        )
+    }
+    return {"steps": steps, "rows": rows, "recursive_checkpoint_float32_gap": floor}
 
 
 def _targets(results) -> dict:
     by_steps = {r["steps"]: {row["method"]: row for row in r["rows"]} for r in results}
     mid = by_steps[sorted(by_steps)[len(by_steps) // 2]]  # N = 1,000 in the full run
     ours, backsolve = mid[OURS], mid["BacksolveAdjoint"]
+    floor = next(r for r in results if r["steps"] == sorted(by_steps)[len(by_steps) // 2])[
+        "recursive_checkpoint_float32_gap"
+    ]
     first, last = by_steps[min(by_steps)], by_steps[max(by_steps)]
     return {
         "steps": sorted(by_steps)[len(by_steps) // 2],
@@ -199,6 +245,9 @@ def _targets(results) -> dict:
         "midpoint_x_forward": mid[OURS_MIDPOINT]["x_forward"],
         "midpoint_le_3x_forward": mid[OURS_MIDPOINT]["x_forward"] <= 3.0,
         "ours_gap": ours["gap_same_solver"],
+        "recursive_checkpoint_same_scheme_gap": floor["Reversible(Tsit5)"],
+        "ours_gap_within_1.5x_recursive_checkpoint": ours["gap_same_solver"]
+        <= 1.5 * floor["Reversible(Tsit5)"],
         "gap_le_1e-6": max(ours["gap_same_solver"], mid[OURS_MIDPOINT]["gap_same_solver"]) <= 1e-6,
         "memory_within_2x_backsolve": max(ours["temp_MB"], mid[OURS_MIDPOINT]["temp_MB"])
         <= 2 * backsolve["temp_MB"],
@@ -248,10 +297,12 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None) -> dict:
         "",
         f"{meta['date']} · {meta['device']} ({meta['cpu_count']} cores) · jax {meta['jax']} · "
         f"diffrax {diffrax.__version__} · dX/dt = tanh(W X + b), n = {n}, batch = {batch}, "
-        "float32, fixed steps on [0, 1] · medians of per-round ratios to the Tsit5 forward "
-        "(× own forward: to the forward of the same solver) · gap: relative to "
-        "RecursiveCheckpointAdjoint on the same solver; gap to continuous: relative to the "
-        "float64 gradient of the continuous problem (Tsit5, 4,000 steps).",
+        "float32, N fixed steps on [0, 1] (t_n = n/N in float32) · medians of per-round "
+        "ratios to the Tsit5 forward (× own forward: to the forward of the same solver) · "
+        "gap: relative to the float64 gradient of the same solver's discrete solve on the "
+        "same time grid (so RecursiveCheckpointAdjoint's row is float32's own round-off); "
+        "gap to continuous: relative to the float64 gradient of the continuous problem "
+        "(Tsit5, 4,000 steps).",
     ]
     for result in results:
         md += [
@@ -283,6 +334,14 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None) -> dict:
                     for r in result["rows"]
                 ],
             ),
+            "",
+            "float32 `RecursiveCheckpointAdjoint` on the reversible schemes (untimed), the "
+            "round-off floor for the two rows of ours: gap "
+            + ", ".join(
+                f"{g:.3g} on {solver}"
+                for solver, g in result.get("recursive_checkpoint_float32_gap", {}).items()
+            )
+            + ".",
         ]
     md += [
         "",
