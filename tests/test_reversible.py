@@ -137,6 +137,17 @@ def test_second_order_and_unsupported_uses_raise(nonlinear):
     constant = diffrax.ConstantStepSize()
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.hessian(lambda k: _cost(dict(p, k=k), y0, adj.ReversibleAdjoint(), constant))(p["k"])
+    # the docstring's way to second derivatives: `DirectAdjoint` on the same solver
+    midpoint = adj.Reversible(diffrax.Midpoint())
+    hessian = jax.hessian(
+        lambda k: _cost(dict(p, k=k), y0, diffrax.DirectAdjoint(), constant, midpoint)
+    )
+    grad = jax.jit(
+        jax.grad(lambda k: _cost(dict(p, k=k), y0, adj.ReversibleAdjoint(), constant, midpoint))
+    )
+    h, e = 1e-5, jnp.array([1.0, -0.5])
+    fd = (grad(p["k"] + h * e) - grad(p["k"] - h * e)) / (2 * h)
+    assert jnp.allclose(hessian(p["k"]) @ e, fd, rtol=1e-6, atol=1e-8)
 
     def solve(solver=adj.Reversible(diffrax.Tsit5()), **kw):
         return diffrax.diffeqsolve(
