@@ -271,25 +271,23 @@ def costate_ode(
     the scheme, `ReversibleAdjoint`); `mode="optimise-then-discretise"` integrates the
     costate ODE dB/dt = −∂H/∂X backward instead (an approximation of that gradient).
 
-    Cost: the reversible default is exact, not the fastest. Each reversible step is two
-    base steps (from z_n forward, from y_{n+1} backward), and its backward pass runs
-    both again with their VJPs (≈ 3 base steps each): about 8 base steps a step in all,
-    against 1 + 2 for `RecursiveCheckpointAdjoint` storing every step and ≈ 1 + 3 for
-    the optimise-then-discretise mode. With the default Tsit5 base this is ≈ 10× the
-    plain Tsit5 forward at 1,000 steps (n = 128, batch 64, float32), slower than
-    `mode="optimise-then-discretise"` (≈ 5×); see
-    `benchmarks/results/continuous_costates.md`. Choose the reversible mode for an
-    exact gradient in O(1) memory (the costate ODE's gradient is off by its
+    Cost: each reversible step is two base steps (from z_n forward, from y_{n+1}
+    backward), and its backward pass runs both again with their VJPs. Measured at n =
+    128, batch 64, float32, 1,000 steps (`benchmarks/results/continuous_costates.md`),
+    in units of the plain Tsit5 forward: the default Tsit5 base 6.2×, as
+    `diffrax.RecursiveCheckpointAdjoint` (6.2×, whose memory grows with the number of
+    steps) and a little slower than `mode="optimise-then-discretise"` (5.4×, inexact);
+    a Midpoint base (`solver=diffrax.Midpoint()`) 1.9×. Choose the reversible mode for
+    an exact gradient in O(1) memory (the costate ODE's gradient is off by its
     integration error, and goes wrong for dissipative dynamics, whose backward state
-    reconstruction is unstable); choose a cheap base (`solver=diffrax.Midpoint()`,
-    ≈ 3×) when the discretisation error of a second-order scheme (compare with a fine
-    reference) is acceptable, or the optimise-then-discretise mode when speed matters
-    more than exactness and the dynamics are benign. Tsit5 stays the default base as it
-    is accurate per step and adaptive. The reconstruction is re-anchored on 16 stored
-    states spread over the solve (see `ReversibleAdjoint`), so its float32 round-off
-    stays at that of `diffrax.RecursiveCheckpointAdjoint` over 10,000 steps; a
-    reconstruction that drifts anyway (stiff dynamics) raises instead of returning
-    its gradient.
+    reconstruction is unstable); choose the Midpoint base when the discretisation error
+    of a second-order scheme is acceptable (compare with a fine reference: on that
+    problem it is below float32's round-off from 1,000 steps on). Tsit5 stays the
+    default base as it is accurate per step and adaptive. The reconstruction is
+    re-anchored on 16 stored states spread over the solve (see `ReversibleAdjoint`),
+    so its float32 round-off stays at that of `diffrax.RecursiveCheckpointAdjoint`
+    over 10,000 steps; a reconstruction that drifts anyway (stiff dynamics) raises
+    instead of returning its gradient.
 
     **Arguments:**
 

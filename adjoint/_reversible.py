@@ -108,7 +108,8 @@ class Reversible(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
 
     where Ψ_h(t, y) is the base solver's increment over [t, t + h]. It has the base's
     order of convergence and costs two base steps a step (first-same-as-last is not
-    reused, as the two steps start from different states). Its error estimate (for
+    reused, as the two steps start from different states; an explicit Runge–Kutta base
+    is stepped from its tableau, see `_increment`). Its error estimate (for
     adaptive steps) is the base's, of the step from z_n; dense output is linear between
     y_n and y_{n+1}. Differentiate it in O(1) memory with `ReversibleAdjoint`.
 
