@@ -68,8 +68,8 @@ def _increment(solver: diffrax.AbstractSolver, terms, t0, t1, y0, args):
 
     An explicit Runge–Kutta base is stepped here from its Butcher tableau, its stages
     written out (k_i = f(t0 + c_i h, y0 + Σ_j a_ij k_j) h, Ψ = Σ_i b_i k_i, zero
-    coefficients skipped): the same arithmetic as `solver.step`, whose stages run in a
-    loop (`eqxi.while_loop`) whose VJP costs 1.7× (Midpoint) to 2× (Tsit5) that of the
+    coefficients skipped): the formulas of `solver.step`, whose stages run in a loop
+    (`eqxi.while_loop`) whose VJP costs 1.7× (Midpoint) to 2× (Tsit5) that of the
     written-out stages (n = 128, batch 64, float32, CPU). The backward pass takes two
     such VJPs a step. Any other base is stepped by `solver.step`."""
     tableau = getattr(solver, "tableau", None)
@@ -83,13 +83,12 @@ def _increment(solver: diffrax.AbstractSolver, terms, t0, t1, y0, args):
     control = terms.contr(t0, t1)
     h = t1 - t0
 
-    def combine(coefficients, ks):
-        terms_ = [(float(c), k) for c, k in zip(coefficients, ks, strict=False) if c != 0]
-        if not terms_:
+    def combine(coefficients, ks):  # Σ_i c_i k_i over the nonzero c_i
+        nonzero = [(float(c), k) for c, k in zip(coefficients, ks, strict=False) if c != 0]
+        if not nonzero:
             return jtu.tree_map(jnp.zeros_like, y0)
-        return jtu.tree_map(
-            lambda *leaves: sum(c * x for (c, _), x in zip(terms_, leaves)), *(k for _, k in terms_)
-        )
+        cs, kept = zip(*nonzero, strict=True)
+        return jtu.tree_map(lambda *xs: sum(c * x for c, x in zip(cs, xs, strict=True)), *kept)
 
     ks = [terms.vf_prod(t0, y0, args, control)]
     for c, a in zip(tableau.c, tableau.a_lower, strict=True):

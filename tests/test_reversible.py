@@ -76,14 +76,16 @@ def test_nonlinear_pytree_equals_recursive_checkpoint(nonlinear, controller, sol
         assert abs(g - float(fd)) < 1e-7 * max(1, abs(float(fd)))
 
 
-def test_linear_and_saveat_t0():
-    """dy/dt = A y, C = |y(T)|² + y(0)·y(0) saved at t0 too: exact for the scheme."""
+@pytest.mark.parametrize("base", [diffrax.Midpoint(), diffrax.Euler()], ids=["tableau", "step"])
+def test_linear_and_saveat_t0(base):
+    """dy/dt = A y, C = |y(T)|² + y(0)·y(0) saved at t0 too: exact for the scheme, with
+    a base stepped from its Butcher tableau (Midpoint) or by its own `step` (Euler)."""
     a = jnp.array([[-0.5, 1.0], [-1.0, -0.2]])
 
     def cost(a, y0, adjoint):
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(lambda t, y, a: a @ y),
-            adj.Reversible(diffrax.Midpoint(), coupling=0.9),
+            adj.Reversible(base, coupling=0.9),
             0.0,
             3.0,
             0.05,
