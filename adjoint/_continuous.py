@@ -39,7 +39,6 @@ Two modes compute these gradients, both in memory independent of the number of s
 `diffrax.BacksolveAdjoint`.
 """
 
-import math
 from collections.abc import Callable
 
 import diffrax
@@ -215,24 +214,6 @@ def _problem(
     )
 
 
-def _reversible_adjoint(problem: _Problem) -> ReversibleAdjoint:
-    """`ReversibleAdjoint` with its anchors spread over the N steps when N is known at
-    trace time (N = ⌈(t1 − t0)/dt0⌉ for a constant step, len(ts) − 1 for `StepTo`),
-    else over max_steps."""
-    steps = None
-    if isinstance(problem.stepsize_controller, diffrax.StepTo):
-        steps = len(problem.stepsize_controller.ts) - 1
-    elif isinstance(problem.stepsize_controller, diffrax.ConstantStepSize):
-        try:
-            steps = math.ceil((float(problem.t1) - float(problem.t0)) / float(problem.dt0))
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            pass
-    if steps is not None and 0 < steps <= problem.max_steps:
-        anchors = ReversibleAdjoint().anchors
-        return ReversibleAdjoint(anchor_every=max(1, -(-steps // (anchors + 1))))
-    return ReversibleAdjoint()
-
-
 def _check_costs(problem: _Problem, params, x0) -> None:
     for name, out in (
         ("terminal_cost", eqx.filter_eval_shape(problem.terminal_cost, x0)),
@@ -332,7 +313,7 @@ def _costate_ode(problem: _Problem, params, x0) -> CostateODESolution:
     if problem.mode == "reversible":
 
         def cost(params_x0):
-            x1, value, steps = problem.forward(*params_x0, _reversible_adjoint(problem))
+            x1, value, steps = problem.forward(*params_x0, ReversibleAdjoint())
             return value, (x1, steps)
 
         (value, (x1, steps)), (grads, x0_grad) = eqx.filter_value_and_grad(cost, has_aux=True)(
@@ -387,7 +368,7 @@ def trajectory_cost(
     x0 = jnp.asarray(x0)
     _check_costs(problem, params, x0)
     if mode == "reversible":
-        adjoint = _reversible_adjoint(problem)
+        adjoint = ReversibleAdjoint()
     else:  # diffrax's own backward costate ODE, on the solver of `backward_solver`
         adjoint = diffrax.BacksolveAdjoint(solver=problem.backward_solver)
     return problem.forward(params, x0, adjoint)[1]

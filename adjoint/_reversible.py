@@ -33,7 +33,7 @@ Anchors. The inverse step divides y by λ, so a round-off error in y_n grows as 
 over m reconstructed steps (the linearised inverse map has the eigenvalue 1/λ along y):
 e^{10} ≈ 2·10⁴ over 10,000 steps at λ = 0.999, which in float32 is a 10⁻³ gradient
 error. The forward pass therefore stores (y_n, z_n) at a fixed number S of evenly
-spaced accepted steps (every K-th, K = ⌈max_steps / (S + 1)⌉ by default), and the
+spaced accepted steps (every K-th, K = ⌈N / (S + 1)⌉ by default), and the
 backward pass replaces its reconstruction by the stored pair there: the growth is
 bounded by λ^{−K}, the memory is 2S states whatever the number of steps. The distance
 between the reconstruction and each anchor (and y_0) is the measured reconstruction
@@ -43,6 +43,7 @@ silently.
 """
 
 import functools as ft
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -234,6 +235,19 @@ def _distance(x, anchor) -> jax.Array:
     return _max_abs(jtu.tree_map(jnp.subtract, x, anchor))
 
 
+def _known_steps(controller, t0, t1, dt0) -> int | None:
+    """The number of steps when it is known before the solve: len(ts) − 1 for `StepTo`,
+    ⌈(t1 − t0)/dt0⌉ for a constant step with concrete times; else None."""
+    if isinstance(controller, diffrax.StepTo):
+        return len(controller.ts) - 1
+    if isinstance(controller, diffrax.ConstantStepSize) and dt0 is not None:
+        try:
+            return max(1, math.ceil((float(t1) - float(t0)) / float(dt0)))
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return None  # traced times
+    return None
+
+
 def _save_nothing(t, y, args):
     return jnp.zeros((0,), jnp.result_type(t))  # the step's time is saved beside it
 
@@ -407,9 +421,10 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     - `anchors`: S, the number of (y_n, z_n) pairs stored at evenly spaced accepted
       steps to re-anchor the reconstruction (see the module docstring): memory 2S
       states, independent of the number of steps; 0 stores none.
-    - `anchor_every`: K, the spacing of the anchors in accepted steps (default
-      ⌈max_steps / (S + 1)⌉, so that they cover a solve of up to max_steps steps; set it
-      to ⌈N / (S + 1)⌉ when N, the number of steps, is known). Round-off in the
+    - `anchor_every`: K, the spacing of the anchors in accepted steps. By default
+      K = ⌈N / (S + 1)⌉ when the number of steps N is known before the solve (`StepTo`,
+      or a constant step with concrete t0, t1, dt0), else ⌈max_steps / (S + 1)⌉, so
+      that they cover a solve of up to max_steps steps. Round-off in the
       reconstruction grows at most as λ^{−K} between anchors.
     - `reconstruction_rtol`: the largest distance between the reconstructed and the
       stored states (at the anchors and at y_0), relative to the largest stored state,
@@ -501,7 +516,11 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         if self.anchors == 0:
             every, slots = max_steps + 1, 1
         else:
-            every = self.anchor_every or -(-max_steps // (self.anchors + 1))
+            steps = _known_steps(
+                kwargs["stepsize_controller"], kwargs["t0"], kwargs["t1"], kwargs["dt0"]
+            )
+            steps = max_steps if steps is None else min(steps, max_steps)
+            every = self.anchor_every or -(-steps // (self.anchors + 1))
             slots = self.anchors
         buffers = jtu.tree_map(lambda x: jnp.zeros((slots,) + jnp.shape(x), jnp.result_type(x)), y)
         controller = _AnchoringController(kwargs.pop("stepsize_controller"), every)
