@@ -146,7 +146,7 @@ class SequentialRiccati(AbstractRiccati):
             return jnp.sum(Vx[:, None, None] * f2, axis=0)
 
         def step(carry, inp):
-            Vx, Vxx, ok = carry
+            Vx, Vxx, ok, shift = carry
             blocks, uk, lo, hi = inp
             fx, fu, lx, lu, lxx, luu, lux = blocks[:7]
             Qx = lx + _tmatmul(fx, Vx)
@@ -164,8 +164,13 @@ class SequentialRiccati(AbstractRiccati):
             Quu_r = Quu + mu * eye
             if m == 1:
                 pd = Quu_r[0, 0] > 0
+                lowest = Quu[0, 0]
             else:
                 pd = jnp.all(jnp.isfinite(jnp.linalg.cholesky(Quu_r)))
+                # Gershgorin: no eigenvalue of Q_uu lies below this
+                radius = jnp.sum(jnp.abs(Quu), axis=1) - jnp.abs(jnp.diagonal(Quu))
+                lowest = jnp.min(jnp.diagonal(Quu) - radius)
+            shift = jnp.where(ok & ~pd, -lowest, shift)  # at the first stage that fails
             Quu_safe = jnp.where(pd, Quu_r, eye)
             du, free = box_qp(Quu_safe, Qu, lo - uk, hi - uk, method.qp_iterations)
             if m == 1:
@@ -179,15 +184,14 @@ class SequentialRiccati(AbstractRiccati):
             Vxx_new = Qxx + _tmatmul(K, _matmul(Quu, K)) + KtQux + KtQux.T
             Vxx_new = 0.5 * (Vxx_new + Vxx_new.T)
             dV = jnp.stack([jnp.sum(du * Qu), 0.5 * jnp.sum(du * QuuDu)])
-            return (Vx_new, Vxx_new, ok & pd), (du, K, dV, Vx_new, Vxx_new)
+            return (Vx_new, Vxx_new, ok & pd, shift), (du, K, dV, Vx_new, Vxx_new)
 
         inputs = (tuple(lin), u, lower, upper)
-        (_, _, ok), (du, K, dV, Vx, Vxx) = jax.lax.scan(
-            step, (VxN, VxxN, jnp.array(True)), inputs, reverse=True
-        )
+        start = (VxN, VxxN, jnp.array(True), jnp.zeros((), u.dtype))
+        (_, _, ok, shift), (du, K, dV, Vx, Vxx) = jax.lax.scan(step, start, inputs, reverse=True)
         Vx = jnp.concatenate([Vx, VxN[None]])
         Vxx = jnp.concatenate([Vxx, VxxN[None]])
-        return du, K, jnp.sum(dV, axis=0), ok, Vx, Vxx
+        return du, K, jnp.sum(dV, axis=0), ok, Vx, Vxx, shift
 
 
 def second_derivatives(F, X, u, ks):
@@ -214,7 +218,9 @@ class ILQR(AbstractMethod):
     - `second_order`: add the V_X·f second-derivative terms (DDP).
     - `mu_init`, `mu_min`, `mu_max`, `mu_factor`: Levenberg–Marquardt regularisation of
       Q_uu, updated as in Tassa, Erez & Todorov (2012): μ ← μδ with δ ← max(f, δf) after
-      a failed step and δ ← min(1/f, δ/f) after an accepted one (μ = 0 below `mu_min`).
+      a failed step and δ ← min(1/f, δ/f) after an accepted one (μ = 0 below `mu_min`);
+      when Q_uu + μI is not positive definite, μ also goes at once to twice the
+      negative curvature of Q_uu (a Gershgorin bound) at the first stage that failed.
     - `max_backtracks`: line-search halvings of α from 1.
     - `qp_iterations`: projected-Newton iterations of the box QP at each stage.
     - `costates`: deprecated (the stopping test's gradient is the costate recursion
@@ -340,7 +346,9 @@ class ILQR(AbstractMethod):
             i, u, Xs, c, data, g, mu, delta, history, _ = carry
             lin, VxN, VxxN = data
             bounds = (problem.lower, problem.upper)
-            du, K, dV, pd, _, _ = self.backward(self, F, lin, Xs, u, ks, *bounds, mu, VxN, VxxN)
+            du, K, dV, pd, _, _, shift = self.backward(
+                self, F, lin, Xs, u, ks, *bounds, mu, VxN, VxxN
+            )
 
             def ls_cond(state):
                 j, *_, accepted = state
@@ -367,6 +375,9 @@ class ILQR(AbstractMethod):
             f = jnp.asarray(self.mu_factor, dtype)
             delta = jnp.where(accepted, jnp.minimum(1 / f, delta / f), jnp.maximum(f, delta * f))
             mu_up = jnp.maximum(mu * delta, self.mu_min)
+            # Q_uu + μI failed at a stage with negative curvature −shift (DDP's V_X'·f
+            # terms): go past it at once rather than double δ from μ_min up to it
+            mu_up = jnp.where(pd, mu_up, jnp.maximum(mu_up, 2 * shift))
             mu_down = jnp.where(mu * delta < self.mu_min, 0.0, mu * delta)
             mu = jnp.where(accepted, mu_down, mu_up).astype(dtype)
 

@@ -58,9 +58,10 @@ class AbstractRiccati(eqx.Module):
     def __call__(self, method, F, lin, Xs, u, ks, lower, upper, mu, VxN, VxxN):
         """The backward pass around (Xs, u).
 
-        **Returns:** `(δu, K, dV, ok, V_X(0..N), V_XX(0..N))`, with dV = (Σ δuᵀQ_u,
-        Σ ½ δuᵀQ_uuδu) the expected decrease and `ok` whether Q_uu + μI was positive
-        definite at every stage.
+        **Returns:** `(δu, K, dV, ok, V_X(0..N), V_XX(0..N), shift)`, with dV =
+        (Σ δuᵀQ_u, Σ ½ δuᵀQ_uuδu) the expected decrease, `ok` whether Q_uu + μI was
+        positive definite at every stage and, when it was not, `shift` a μ past which it
+        would be at the first stage that failed (0 when `ok`, or when not known).
         """
 
 
@@ -165,4 +166,4 @@ class ParallelRiccati(AbstractRiccati):
     """
 
     def __call__(self, method, F, lin, Xs, u, ks, lower, upper, mu, VxN, VxxN):
-        return parallel_riccati(lin, VxN, VxxN, mu)
+        return parallel_riccati(lin, VxN, VxxN, mu) + (jnp.zeros((), VxN.dtype),)
