@@ -189,3 +189,19 @@ def test_jit_and_vmap_over_initial_states():
     for i in range(2):
         ref = control.solve(_with(x0=x0s[i]), jnp.zeros((_N, 1)), control.ILQR())
         np.testing.assert_allclose(batched[i], ref.controls, rtol=0, atol=1e-11)  # measured 4e-14
+
+
+def test_sequential_reports_the_curvature_past_which_the_failing_stage_is_definite():
+    """A concave control cost (R < 0): Q_uu = 2R + Bᵀ V_XX B < 0 at the last stage, so the
+    pass fails there and `shift` = −Q_uu(N−1) (Gershgorin is exact for one control),
+    which `ILQR` jumps μ past; at a definite problem `shift` is 0."""
+    A, B = ((1.0, 0.1), (0.0, 1.0)), ((0.0,), (0.1,))
+    Q, P = ((1.0, 0.0), (0.0, 1.0)), ((3.0, 0.0), (0.0, 2.0))
+    N = 5
+    for R, ok_expected in ((((-0.5,),), False), (((0.5,),), True)):
+        prob = problems.lqr(A, B, Q, R, P, x0=(1.0, -0.5), horizon=N, dtype=jnp.float64)
+        seq, _, _ = _both(prob, jnp.zeros((N, 1)))
+        ok, shift = bool(seq[3]), float(seq[6])
+        assert ok == ok_expected
+        last = 2 * R[0][0] + 2 * (np.asarray(B).T @ np.asarray(P) @ np.asarray(B)).item()
+        assert shift == (pytest.approx(-last, rel=1e-12) if not ok else 0.0)
