@@ -377,7 +377,8 @@ class ILQR(AbstractMethod):
             mu_up = jnp.maximum(mu * delta, self.mu_min)
             # Q_uu + μI failed at a stage with negative curvature −shift (DDP's V_X'·f
             # terms): go past it at once rather than double δ from μ_min up to it
-            mu_up = jnp.where(pd, mu_up, jnp.maximum(mu_up, 2 * shift))
+            jump = jnp.where(jnp.isfinite(shift), 2 * shift, 0.0)  # (a NaN Q_uu: no jump)
+            mu_up = jnp.where(pd, mu_up, jnp.maximum(mu_up, jump))
             mu_down = jnp.where(mu * delta < self.mu_min, 0.0, mu * delta)
             mu = jnp.where(accepted, mu_down, mu_up).astype(dtype)
 
