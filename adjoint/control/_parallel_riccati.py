@@ -133,7 +133,7 @@ def parallel_value_function(lin, VxN, VxxN, mu):
 def parallel_riccati(lin, VxN, VxxN, mu):
     """The unconstrained Gauss–Newton backward pass in O(log N) depth.
 
-    **Returns:** `(δu, K, dV, ok, V_X(0..N), V_XX(0..N))` as the sequential pass.
+    **Returns:** `(δu, K, dV, ok, V_X(0..N), V_XX(0..N))` as the sequential pass, without `shift`.
     """
     fx, fu, lx, lu, lxx, luu, lux = lin
     Vx, Vxx, ok_R = parallel_value_function(lin, VxN, VxxN, mu)
